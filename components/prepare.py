@@ -1,0 +1,151 @@
+"""Evaluation protocol: k-core filter, chronological leave-one-out, fixed candidate sets.
+
+Input: data/raw/interactions.parquet (user_id, item_id, rating, timestamp) and data/raw/items.parquet.
+Output, data/prepared/ (every model is scored on these exact files):
+
+  items.parquet      item_idx (int32, 1..N; 0 is padding), item_id (str), title, year, genres
+  users.parquet      user_idx (int32, 0..U-1), user_id (str)
+  sequences.parquet  user_idx, items (list<int32>): the user's whole chronological sequence.
+                     train = items[:-2], valid target = items[-2], test target = items[-1]
+  valid.parquet      user_idx, history (list<int32>, last `history_len` items before the target,
+  test.parquet       oldest first), target (int32), candidates (list<int32>, `num_candidates`
+                     items: the target + seeded negatives the user never interacted with, shuffled)
+  stats.json         users, items, interactions, sparsity, history lengths (also metrics/data.json)
+
+Ties: ml-100k has many equal timestamps, so order is (timestamp, row order in data/raw), a stable sort.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.config import PrepareSettings
+from components.errors import DataValidationError
+from components.io import atomic_dir, write_json_atomic
+
+
+def kcore(df: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iteratively keep users and items with at least k interactions."""
+    while True:
+        n = len(df)
+        item_counts = df["item_id"].map(df["item_id"].value_counts())
+        user_counts = df["user_id"].map(df["user_id"].value_counts())
+        df = df[(item_counts >= k) & (user_counts >= k)]
+        if len(df) == n:
+            return df
+
+
+def chronological(df: pd.DataFrame) -> pd.DataFrame:
+    """Sort by (user, timestamp, original row order): a stable, documented tie-break."""
+    df = df.assign(_row=np.arange(len(df)))
+    return df.sort_values(["user_id", "timestamp", "_row"], kind="stable").drop(columns="_row")
+
+
+def sample_candidates(target: int, seen: set[int], n_items: int, n: int, rng: np.random.Generator) -> list[int]:
+    """The target plus n-1 distinct items in 1..n_items the user never interacted with, shuffled."""
+    if n_items - len(seen) < n - 1:
+        raise DataValidationError(
+            f"prepare: a user has seen {len(seen)} of {n_items} items; cannot sample {n - 1} negatives"
+        )
+    negatives: list[int] = []
+    chosen: set[int] = set()
+    while len(negatives) < n - 1:
+        for item in rng.integers(1, n_items + 1, size=2 * n).tolist():
+            if item not in seen and item not in chosen:
+                chosen.add(item)
+                negatives.append(item)
+                if len(negatives) == n - 1:
+                    break
+    cands = np.array([target, *negatives], dtype=np.int32)
+    rng.shuffle(cands)
+    return cands.tolist()
+
+
+def build_splits(
+    interactions: pd.DataFrame, items: pd.DataFrame, cfg: PrepareSettings, seed: int
+) -> dict[str, pd.DataFrame | dict]:
+    """Pure function: raw tables -> the prepared tables and their statistics."""
+    df = kcore(interactions[["user_id", "item_id", "timestamp"]], cfg.kcore)
+    user_len = df.groupby("user_id").size()
+    df = df[df["user_id"].isin(user_len[user_len >= cfg.min_user_interactions].index)]
+    if df.empty:
+        raise DataValidationError(
+            f"prepare: no interactions left after the {cfg.kcore}-core filter "
+            f"(prepare.kcore={cfg.kcore}, prepare.min_user_interactions={cfg.min_user_interactions})"
+        )
+    df = chronological(df)
+
+    # Item ids in order of first appearance in the catalogue; 0 is padding.
+    kept = items[items["item_id"].isin(set(df["item_id"]))].reset_index(drop=True)
+    item_table = kept.assign(item_idx=np.arange(1, len(kept) + 1, dtype=np.int32))
+    item_table = item_table[["item_idx", "item_id", "title", "year", "genres"]]
+    to_idx = dict(zip(item_table["item_id"], item_table["item_idx"], strict=True))
+
+    user_ids = sorted(df["user_id"].unique(), key=_natural_key)
+    user_table = pd.DataFrame({"user_idx": np.arange(len(user_ids), dtype=np.int32), "user_id": user_ids})
+    to_uidx = dict(zip(user_table["user_id"], user_table["user_idx"], strict=True))
+
+    seqs = df.groupby("user_id", sort=False)["item_id"].agg(list)
+    rng = np.random.default_rng(seed)
+    n_items = len(item_table)
+    sequences, valid, test = [], [], []
+    for user_id in user_ids:
+        seq = [to_idx[i] for i in seqs[user_id]]
+        u = to_uidx[user_id]
+        seen = set(seq)
+        sequences.append((u, seq))
+        for rows, end in ((valid, len(seq) - 2), (test, len(seq) - 1)):
+            history = seq[max(0, end - cfg.history_len) : end]
+            cands = sample_candidates(seq[end], seen, n_items, cfg.num_candidates, rng)
+            rows.append((u, history, seq[end], cands))
+
+    def split_frame(rows: list) -> pd.DataFrame:
+        return pd.DataFrame(rows, columns=["user_idx", "history", "target", "candidates"]).astype(
+            {"user_idx": "int32", "target": "int32"}
+        )
+
+    seq_frame = pd.DataFrame(sequences, columns=["user_idx", "items"]).astype({"user_idx": "int32"})
+    lengths = seq_frame["items"].map(len)
+    hist = split_frame(test)["history"].map(len)
+    stats = {
+        "users": int(len(user_table)),
+        "items": int(n_items),
+        "interactions": int(len(df)),
+        "sparsity": round(1.0 - len(df) / (len(user_table) * n_items), 6),
+        "seq_len_mean": round(float(lengths.mean()), 3),
+        "seq_len_median": float(lengths.median()),
+        "seq_len_min": int(lengths.min()),
+        "seq_len_max": int(lengths.max()),
+        "test_history_len_mean": round(float(hist.mean()), 3),
+        "test_history_full_share": round(float((hist == cfg.history_len).mean()), 4),
+        "dropped_by_kcore": int(len(interactions) - len(df)),
+    }
+    return {
+        "items": item_table,
+        "users": user_table,
+        "sequences": seq_frame,
+        "valid": split_frame(valid),
+        "test": split_frame(test),
+        "stats": stats,
+    }
+
+
+def _natural_key(value: str) -> tuple:
+    return (0, int(value), "") if str(value).isdigit() else (1, 0, str(value))
+
+
+def prepare(raw_dir: Path, out_dir: Path, metrics_path: Path, cfg: PrepareSettings, seed: int) -> dict:
+    """Read data/raw, write data/prepared atomically and the statistics to metrics_path."""
+    interactions = pd.read_parquet(raw_dir / "interactions.parquet")
+    items = pd.read_parquet(raw_dir / "items.parquet")
+    out = build_splits(interactions, items, cfg, seed)
+    with atomic_dir(out_dir) as tmp:
+        for name in ("items", "users", "sequences", "valid", "test"):
+            out[name].to_parquet(tmp / f"{name}.parquet", index=False)
+        (tmp / "stats.json").write_text(json.dumps(out["stats"], indent=2) + "\n")
+    write_json_atomic(metrics_path, out["stats"])
+    return out["stats"]
