@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from components.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
+DEFAULT_PARAMS = Path("params.yaml")  # relative to the working directory (the repo root)
 
 
 class _Section(BaseModel):
@@ -109,11 +109,52 @@ class PrepareSettings(_Section):
     min_user_interactions: int = Field(3, ge=3, description="a user needs train + valid + test")
 
 
+class SasrecSettings(_Section):
+    """SASRec architecture and training (components/sasrec.py, components/recommender.py)."""
+
+    max_len: int = Field(50, ge=2, le=1000, description="history length the model sees (RecBole MAX_ITEM_LIST_LENGTH)")
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    inner: int = Field(256, ge=8, description="feed-forward width")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    attn_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(128, ge=1, description="training windows per step")
+    eval_batch_size: int = Field(512, ge=1)
+    train_stride: int = Field(25, ge=1, description="step between training windows of a long sequence")
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1, description="evaluations without a better valid NDCG@10 before stopping")
+    eval_every: int = Field(1, ge=1, description="epochs between validation runs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> SasrecSettings:
+        if self.hidden % self.heads:
+            raise ValueError("sasrec.hidden must be divisible by sasrec.heads")
+        if self.train_stride > self.max_len:
+            raise ValueError("sasrec.train_stride must be <= sasrec.max_len")
+        return self
+
+
+class ExportSettings(_Section):
+    """ONNX export of the SASRec ID encoder (components/export.py)."""
+
+    opset: int = Field(18, ge=17)
+    parity_tolerance: float = Field(1e-4, gt=0.0, description="max abs diff ONNX vs torch")
+    parity_users: int = Field(512, ge=1, description="real test histories checked after export")
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads; 0 = ORT default")
+
+
 class Settings(_Section):
     seed: int = Field(42, ge=0)
     data: DataSettings
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     prepare: PrepareSettings = PrepareSettings()
+    sasrec: SasrecSettings = SasrecSettings()
+    export: ExportSettings = ExportSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -27,3 +27,11 @@ class DataValidationError(RsllmError):
 
 class VersioningError(RsllmError):
     """A data version could not be recorded, pushed or restored."""
+
+
+class ModelError(RsllmError):
+    """A model could not be trained, saved or loaded (missing input file, bad config, diverged loss)."""
+
+
+class ExportError(RsllmError):
+    """An ONNX export failed or its outputs disagree with the torch model beyond the tolerance."""
