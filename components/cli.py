@@ -136,6 +136,16 @@ def data_versions() -> None:
     versioning.print_versions(versioning.list_versions(Path(".")))
 
 
+@data_app.command("record")
+@cli_errors
+def data_record(note: str = typer.Option("", help="free text stored with the version"),
+                push: bool = typer.Option(True, help="dvc push to the default remote")) -> None:
+    """Record the current data/accepted + data/raw as a new version (git tag data/vN + dvc push)."""
+    from components import versioning
+
+    _print_json(versioning.record_version(Path("."), note=note, push=push))
+
+
 @data_app.command("restore")
 @cli_errors
 def data_restore(version: str) -> None:

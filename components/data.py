@@ -93,7 +93,9 @@ def _to_unix_seconds(values: pd.Series, unit: str, path: Path | str) -> pd.Serie
             f"{path}: column 'timestamp' has values that are not {unit} timestamps, e.g. {bad.head(3).tolist()}",
             file=str(path), column="timestamp", expectation="timestamp parses", examples=bad.head(3).tolist(),
         )
-    return seconds.astype("Int64")
+    seconds = seconds.astype("Int64")
+    # numpy int64 when complete; nullable Int64 only when values are missing (the not-null check names them)
+    return seconds.astype("int64") if not seconds.isna().any() else seconds
 
 
 def canonical_interactions(df: pd.DataFrame, path: Path | str, columns: ColumnMap | None = None,

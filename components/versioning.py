@@ -21,7 +21,8 @@ from rich.table import Table
 
 from components.errors import VersioningError
 
-VERSIONED_FILES = ("dvc.lock", "data/accepted.dvc")
+# dvc.lock + the .dvc pointer, plus the small git-tracked reports the merge and validate stages write.
+VERSIONED_FILES = ("dvc.lock", "data/accepted.dvc", "reports/merge.json", "reports/validation/summary.json")
 # A version is only restorable if the pipeline definition it ran with is committed too.
 MUST_BE_COMMITTED = ("dvc.yaml", "params.yaml")
 TAG_PREFIX = "data/v"
@@ -71,9 +72,13 @@ def snapshot_figures(repo: Path) -> dict:
             "items": int(inter["item_id"].nunique())}
 
 
-def record_version(repo: Path, note: str = "", push: bool = True) -> dict:
-    """Commit dvc.lock + data/accepted.dvc, tag the commit data/vN, and push the data to the remote."""
-    check_committable(repo)
+def record_version(repo: Path, note: str = "", push: bool = True, check: bool = True) -> dict:
+    """Commit dvc.lock + data/accepted.dvc, tag the commit data/vN, and push the data to the remote.
+
+    `check=False` when the caller (ingest) checked before it changed data/accepted.dvc itself.
+    """
+    if check:
+        check_committable(repo)
     tags = existing_tags(repo)
     tag = f"{TAG_PREFIX}{int(tags[-1][len(TAG_PREFIX):]) + 1 if tags else 1}"
     info = snapshot_figures(repo) | {"version": tag, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -127,7 +132,8 @@ def read_version_file(repo: Path, version: str, path: str) -> bytes:
 def restore(repo: Path, version: str) -> dict:
     """Put data/accepted and data/raw of `version` back into the work tree (pulling if needed)."""
     _known(repo, version)
-    run(["git", "checkout", version, "--", *VERSIONED_FILES], repo)
+    files = [f for f in VERSIONED_FILES if run(["git", "ls-tree", "--name-only", version, "--", f], repo).strip()]
+    run(["git", "checkout", version, "--", *files], repo)
     try:
         run(["dvc", "checkout", "-q", "data/accepted.dvc", "merge"], repo)
     except VersioningError:
