@@ -134,6 +134,7 @@ def restore(repo: Path, version: str) -> dict:
     _known(repo, version)
     files = [f for f in VERSIONED_FILES if run(["git", "ls-tree", "--name-only", version, "--", f], repo).strip()]
     run(["git", "checkout", version, "--", *files], repo)
+    run(["git", "reset", "-q", "--", *files], repo)  # leave them as plain work-tree edits, nothing staged
     try:
         run(["dvc", "checkout", "-q", "data/accepted.dvc", "merge"], repo)
     except VersioningError:
