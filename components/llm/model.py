@@ -1,0 +1,175 @@
+"""The projector and the RSLLM wrapper: an LLM (+ LoRA) whose `[ITEM]` placeholder embeddings are replaced
+by projector(SASRec item embedding) before the decoder runs (inputs_embeds).
+
+Shapes: B batch, T tokens, H LLM hidden size, D SASRec dimension, V vocabulary, N_items + 1 table rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.errors import ModelError
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class Projector(nn.Module):
+    """Small MLP: SASRec item embedding [.., D] -> LLM input-embedding space [.., H]."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 256):
+        super().__init__()
+        self.d_in, self.d_out, self.hidden = d_in, d_out, hidden
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [.., D] -> [.., H]
+        return self.net(x)
+
+    def config(self) -> dict:
+        return {"d_in": self.d_in, "d_out": self.d_out, "hidden": self.hidden}
+
+
+def save_projector(projector: Projector, path: Path) -> None:
+    """Projector weights as safetensors; its sizes ride along in the file's metadata."""
+    meta = {k: str(v) for k, v in projector.config().items()}
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()},
+        str(path),
+        metadata=meta,
+    )
+
+
+def load_projector(path: Path) -> Projector:
+    """Inverse of save_projector."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: projector weights not found")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    try:
+        proj = Projector(int(meta["d_in"]), int(meta["d_out"]), int(meta["hidden"]))
+    except KeyError as e:
+        raise ModelError(f"{path}: metadata lacks {e} (not a projector file)") from None
+    proj.load_state_dict(load_file(str(path)))
+    return proj
+
+
+def load_item_table(source: torch.Tensor | Path) -> torch.Tensor:
+    """SASRec item embeddings [N_items + 1, D] (row 0 = padding) from a tensor, a safetensors file holding
+    one tensor (or `item_embeddings`), or a SASRec model folder (components.recommender)."""
+    if isinstance(source, torch.Tensor):
+        return source.detach().float()
+    source = Path(source)
+    if source.is_dir():
+        from components.recommender import load_item_embeddings
+
+        return load_item_embeddings(source).detach().float()
+    if not source.exists():
+        raise ModelError(f"{source}: item embeddings not found")
+    tensors = load_file(str(source))
+    if "item_embeddings" in tensors:
+        return tensors["item_embeddings"].float()
+    if len(tensors) != 1:
+        raise ModelError(f"{source}: expected one tensor or `item_embeddings`, found {sorted(tensors)}")
+    return next(iter(tensors.values())).float()
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, targets: list[str] | str):
+    """Wrap a causal LM with fresh LoRA adapters (peft); only the adapters are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, cfg)
+
+
+def load_lora(model, adapter_dir: Path, trainable: bool):
+    """Attach saved LoRA adapters (e.g. stage 1's) to a base causal LM."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"{adapter_dir}: no LoRA adapter (adapter_config.json missing)")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+class RsllmModel(nn.Module):
+    """LLM (+ LoRA) + projector + frozen SASRec item table.
+
+    `item_at` tensors ([B, T] int64) carry, at each `[ITEM]` position, the item_idx whose projected ID
+    embedding replaces the placeholder's input embedding; 0 elsewhere. Text-only mode (projector None)
+    never injects anything.
+    """
+
+    def __init__(self, llm, projector: Projector | None = None, item_table: torch.Tensor | None = None):
+        super().__init__()
+        self.llm = llm
+        self.projector = projector
+        if projector is not None and item_table is None:
+            raise ModelError("a unified model needs the SASRec item table")
+        self.register_buffer(
+            "item_table", item_table if item_table is not None else torch.zeros(1, 1), persistent=False
+        )
+
+    @property
+    def unified(self) -> bool:
+        return self.projector is not None
+
+    @property
+    def causal_lm(self):
+        """The underlying transformers causal LM (LoRA layers, if any, are injected in place)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def project(self, items: torch.Tensor) -> torch.Tensor:  # [N] item_idx -> [N, H]
+        return self.projector(self.item_table[items])
+
+    def embed(self, input_ids: torch.Tensor, item_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, H] with placeholders replaced by projected ID embeddings."""
+        emb = self.causal_lm.get_input_embeddings()(input_ids)  # [B, T, H]
+        if not self.unified or item_at is None:
+            return emb
+        mask = item_at > 0  # [B, T]
+        if not bool(mask.any()):
+            return emb
+        injected = self.project(item_at[mask]).to(emb.dtype)  # [n_placeholders, H]
+        emb = emb.clone()
+        emb[mask] = injected
+        return emb
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        item_at: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last-layer hidden states [B, T, H]; attention_mask may be [B, T] or a 4D [B, 1, T, T] mask."""
+        decoder = self.causal_lm.get_decoder()
+        out = decoder(
+            inputs_embeds=self.embed(input_ids, item_at),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [.., H] -> [.., V]
+        """LM head on selected hidden states only (logits are computed where needed)."""
+        return self.causal_lm.get_output_embeddings()(hidden)
+
+    def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Training losses for one batch (see components.llm.losses); `forward` so that DDP syncs grads."""
+        from components.llm.losses import batch_losses
+
+        return batch_losses(self, batch, **weights)

@@ -1,0 +1,480 @@
+"""Two-stage fine-tuning through Hugging Face Accelerate (1 CPU, 1 GPU, or `accelerate launch` on several).
+
+Stage 1: LoRA on text-only prompts.  Stage 2: starts from stage 1's adapter; trains projector + LoRA on
+unified prompts.  Samples: every position t >= 1 of every training sequence (items[:-2]) is a sample:
+history = up to `history_len` previous items, target = items[t], candidates = target + seeded negatives
+the user never interacted with (shuffled); `samples` of them are drawn (seeded).
+
+Batches are global: rank r of W processes trains on rows r::W of each batch, so a step means the same
+thing on 1 or W processes.  Dropout is reseeded from (seed, step, rank) every step and the data order is a
+function of the seed, so a run resumed from a checkpoint replays exactly what the killed run would have.
+Checkpoints (trainable weights + AdamW state as safetensors, progress as JSON) go to
+`<checkpoint_dir>/stage<k>-<hash of inputs + params>/`, outside every DVC output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from components.errors import ModelError
+from components.io import atomic_dir, write_json_atomic
+from components.llm.base import load_base
+from components.llm.model import Projector, RsllmModel, add_lora, load_item_table, load_lora, save_projector
+from components.llm.prompts import PromptBuilder
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Sample:
+    user: int
+    history: list[int]
+    target: int
+    candidates: list[int]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def read_titles(prepared: Path) -> list[str]:
+    """titles[item_idx] for item_idx 0..N from data/prepared/items.parquet (index 0 = padding, "")."""
+    path = Path(prepared) / "items.parquet"
+    if not path.exists():
+        raise ModelError(f"{path}: not found; run `rsllm prepare` first")
+    items = pd.read_parquet(path, columns=["item_idx", "title"])
+    titles = [""] * (int(items["item_idx"].max()) + 1)
+    for idx, title in zip(items["item_idx"].tolist(), items["title"].tolist(), strict=True):
+        titles[int(idx)] = "" if title is None else str(title)
+    return titles
+
+
+def training_samples(
+    sequences: pd.DataFrame,
+    n_items: int,
+    history_len: int,
+    num_candidates: int,
+    max_samples: int,
+    seed: int,
+    stream: int = 0,
+) -> list[Sample]:
+    """Draw `max_samples` (0 = all) training samples from every position of every train sequence.
+
+    `stream` (the stage) gives each stage its own seeded draw of positions and negatives."""
+    from components.prepare import sample_candidates
+
+    trains = [
+        (int(u), [int(i) for i in seq][:-2])
+        for u, seq in zip(sequences["user_idx"].tolist(), sequences["items"].tolist(), strict=True)
+    ]
+    pairs = [(k, t) for k, (_, train) in enumerate(trains) for t in range(1, len(train))]
+    if not pairs:
+        raise ModelError("sequences.parquet: no training positions (every sequence is shorter than 4)")
+    order = np.random.default_rng([seed, stream]).permutation(len(pairs))
+    if max_samples:
+        order = order[:max_samples]
+    samples = []
+    for j in order.tolist():
+        k, t = pairs[j]
+        user, train = trains[k]
+        rng = np.random.default_rng([seed, stream, user, t])
+        cands = sample_candidates(train[t], set(train), n_items, num_candidates, rng)
+        samples.append(Sample(user, train[max(0, t - history_len) : t], train[t], [int(c) for c in cands]))
+    return samples
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def collate(samples: list[Sample], builder: PromptBuilder) -> dict[str, torch.Tensor]:
+    """Right-padded batch: prompt + answer ids, answer-only labels, placeholders, the target item alone."""
+    ids, labels, item_at, prompt_end = [], [], [], []
+    i_ids, i_item_at, i_title, text_pos, rep_pos, has_id = [], [], [], [], [], []
+    for s in samples:
+        p = builder.prompt(s.history, s.candidates)
+        answer = builder.answer_ids(s.target)
+        ids.append(p.ids + answer)
+        labels.append([-100] * len(p.ids) + answer)
+        at = [0] * len(ids[-1])
+        for pos, item in zip(p.item_pos, p.item_idx, strict=True):
+            at[pos] = item
+        item_at.append(at)
+        prompt_end.append(len(p.ids) - 1)
+        it, tpos, ipos = builder.item_ids(s.target)
+        i_ids.append(it)
+        i_item_at.append([0] * tpos + [0] + ([s.target] if ipos is not None else []))
+        i_title.append([1] * (tpos + 1) + [0] * (len(it) - tpos - 1))
+        text_pos.append(tpos)
+        rep_pos.append(ipos if ipos is not None else tpos)
+        has_id.append(ipos is not None)
+    pad = builder.tok.pad_token_id
+    return {
+        "input_ids": _pad(ids, pad),  # [B, T]
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0),  # [B, T]
+        "labels": _pad(labels, -100),  # [B, T]
+        "item_at": _pad(item_at, 0),  # [B, T]
+        "prompt_end": torch.tensor(prompt_end),  # [B]
+        "target": torch.tensor([s.target for s in samples]),  # [B]
+        "item_input_ids": _pad(i_ids, pad),  # [B, Ti]
+        "item_attention_mask": _pad([[1] * len(r) for r in i_ids], 0),  # [B, Ti]
+        "item_item_at": _pad(i_item_at, 0),  # [B, Ti]
+        "item_title_mask": _pad(i_title, 0),  # [B, Ti]
+        "item_text_pos": torch.tensor(text_pos),  # [B]
+        "item_rep_pos": torch.tensor(rep_pos),  # [B]
+        "item_has_id": torch.tensor(has_id),  # [B]
+    }
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _file_digest(path: Path, full: bool = True) -> str:
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not full:  # large weights: size + first MiB
+        with open(path, "rb") as fh:
+            return f"{path.stat().st_size}:{hashlib.sha256(fh.read(1 << 20)).hexdigest()}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_key(
+    stage: int,
+    llm_settings,
+    seed: int,
+    prepared: Path,
+    base_dir: Path,
+    stage1_dir: Path | None,
+    item_table: torch.Tensor | None,
+) -> str:
+    """Hash of everything that determines a stage's training run (not eval-only or logging settings)."""
+    s = llm_settings.model_dump(mode="json")
+    st = s[f"stage{stage}"]
+    for k in ("checkpoint_every", "log_every"):
+        st.pop(k, None)
+    base_files = sorted(p for p in Path(base_dir).glob("*") if p.is_file())
+    parts = {
+        "stage": stage,
+        "seed": seed,
+        "stage_settings": st,
+        "lora": s["lora"],
+        "loss": s["loss"],
+        "projector_hidden": s["projector_hidden"],
+        "history_len": s["history_len"],
+        "train_candidates": s["train_candidates"],
+        "data": {n: _file_digest(Path(prepared) / n) for n in ("items.parquet", "sequences.parquet")},
+        "base": {p.name: _file_digest(p, full=p.stat().st_size < (64 << 20)) for p in base_files},
+    }
+    if stage1_dir is not None:
+        parts["stage1"] = _file_digest(Path(stage1_dir) / "adapter" / "adapter_model.safetensors")
+    if item_table is not None:
+        parts["item_table"] = hashlib.sha256(item_table.float().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(
+    ckpt_dir: Path, step: int, model: RsllmModel, optimizer, state: dict, keep: int = 1
+) -> None:
+    """trainable.safetensors + optimizer.safetensors + state.json, in one atomic folder step-XXXXXXXX."""
+    with atomic_dir(ckpt_dir / f"step-{step:08d}") as tmp:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        sd = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{k}"] = v
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        meta = {"step": step, "param_groups": sd["param_groups"], "scalars": scalars, **state}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
+    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (atomic_dir: a visible step-* folder is complete)."""
+    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: RsllmModel, optimizer) -> dict:
+    """Restore trainable weights and optimizer state in place; returns the saved state.json."""
+    meta = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
+    if missing:
+        raise ModelError(f"{path}: checkpoint does not match the model (e.g. {sorted(missing)[:3]})")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _lr_at(step: int, lr: float, warmup: int, total: int) -> float:
+    """Linear warmup, then linear decay to 10% of lr (a pure function of the step: nothing to checkpoint)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return lr * (1.0 - 0.9 * frac)
+
+
+def build_model(
+    stage: int,
+    llm_settings,
+    base_dir: Path,
+    stage1_dir: Path | None,
+    item_table: torch.Tensor | None,
+    seed: int,
+    dtype: torch.dtype,
+):
+    """Stage 1: base + fresh LoRA.  Stage 2: base + stage 1's LoRA (trainable) + fresh projector."""
+    base, tok = load_base(base_dir, dtype=dtype)
+    lora = llm_settings.lora
+    torch.manual_seed(seed)
+    if stage == 1:
+        return RsllmModel(add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules))), tok
+    if stage1_dir is None or item_table is None:
+        raise ModelError("stage 2 needs stage 1's output folder and the SASRec item embeddings")
+    llm = load_lora(base, Path(stage1_dir) / "adapter", trainable=True)
+    projector = Projector(item_table.shape[1], base.config.hidden_size, llm_settings.projector_hidden)
+    return RsllmModel(llm, projector, item_table), tok
+
+
+def train_stage(
+    stage: int,
+    settings,
+    prepared: Path,
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    stage1_dir: Path | None = None,
+    item_table: torch.Tensor | Path | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train one stage and write out_dir/{adapter/, projector.safetensors (stage 2), config.json,
+    train_log.json}.  `stop_after` ends this run after that many steps, leaving only the checkpoint
+    (it simulates a kill; tests use it).  Returns the summary written to config.json["train"]."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    if stage not in (1, 2):
+        raise ModelError(f"--stage must be 1 or 2 (got {stage})")
+    llm_s, seed = settings.llm, settings.seed
+    st = llm_s.stage1 if stage == 1 else llm_s.stage2
+    cuda = torch.cuda.is_available() and llm_s.device != "cpu"
+    if llm_s.device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("llm.device is 'cuda' but no CUDA device is available")
+    if llm_s.threads:
+        torch.set_num_threads(llm_s.threads)
+    acc = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if cuda else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    rank, world = acc.process_index, acc.num_processes
+    if st.batch_size < world:
+        raise ModelError(f"llm.stage{stage}.batch_size ({st.batch_size}) must be >= processes ({world})")
+
+    table = load_item_table(item_table) if stage == 2 else None
+    titles = read_titles(prepared)
+    sequences = pd.read_parquet(Path(prepared) / "sequences.parquet")
+    samples = training_samples(
+        sequences, len(titles) - 1, llm_s.history_len, llm_s.train_candidates, st.samples, seed, stream=stage
+    )
+    model, tok = build_model(
+        stage, llm_s, base_dir, stage1_dir, table, seed, torch.bfloat16 if cuda else torch.float32
+    )
+    builder = PromptBuilder(
+        tok,
+        titles,
+        unified=stage == 2,
+        n_id_items=0 if table is None else table.shape[0] - 1,
+        max_prompt_tokens=st.max_prompt_tokens,
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=st.lr, weight_decay=st.weight_decay)
+
+    # the whole run's order: one seeded permutation per epoch, cut into global batches
+    order = np.concatenate(
+        [np.random.default_rng([seed, stage, e]).permutation(len(samples)) for e in range(st.epochs)]
+    )
+    batches = [order[i : i + st.batch_size] for i in range(0, len(order), st.batch_size)]
+    total = len(batches)
+
+    key = run_key(stage, llm_s, seed, prepared, base_dir, stage1_dir, table)
+    ckpt_dir = Path(llm_s.checkpoint_dir) / f"stage{stage}-{key}"
+    start, log, elapsed = 0, [], 0.0
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        meta = load_checkpoint(last, model, optimizer)
+        start, log, elapsed = meta["step"], meta["log"], meta["elapsed"]
+        if acc.is_main_process:
+            console.print(f"stage {stage}: resumed from {last} (step {start}/{total})")
+    model, optimizer = acc.prepare(model, optimizer)
+    raw = acc.unwrap_model(model)
+    weights = {
+        "a": llm_s.loss.user_item,
+        "b": llm_s.loss.id_text if stage == 2 else 0.0,
+        "temperature": llm_s.loss.temperature,
+        "id_text_space": llm_s.loss.id_text_space,
+    }
+    model.train()
+    run_steps = 0
+    for step in range(start, total):
+        if stop_after is not None and run_steps >= stop_after:
+            break
+        t0 = time.perf_counter()
+        for g in optimizer.param_groups:
+            g["lr"] = _lr_at(step, st.lr, st.warmup_steps, total)
+        torch.manual_seed(seed * 1_000_003 + step * 101 + rank)  # dropout: same on a resumed run
+        rows = [samples[i] for i in batches[step][rank::world].tolist()]
+        batch = {k: v.to(acc.device) for k, v in collate(rows, builder).items()}
+        with acc.autocast():
+            out = model(batch, weights)
+        acc.backward(out["loss"])
+        if st.max_grad_norm:
+            acc.clip_grad_norm_(trainable, st.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        parts = torch.stack([out["loss"].detach(), out["lm"], out["user_item"], out["id_text"]]).float()
+        parts = acc.reduce(parts, reduction="mean").tolist()
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        run_steps += 1
+        log.append(
+            {
+                "step": step + 1,
+                "loss": round(parts[0], 5),
+                "lm": round(parts[1], 5),
+                "user_item": round(parts[2], 5),
+                "id_text": round(parts[3], 5),
+                "seconds": round(seconds, 3),
+                "samples": len(batches[step]),
+                "tokens": int(batch["attention_mask"].sum()) * world,
+            }
+        )
+        if acc.is_main_process and ((step + 1) % st.log_every == 0 or step + 1 == total):
+            console.print(
+                f"stage {stage} step {step + 1}/{total} loss {parts[0]:.4f} (lm {parts[1]:.4f} "
+                f"ui {parts[2]:.4f} it {parts[3]:.4f}) {seconds:.2f} s/step "
+                f"{len(batches[step]) / seconds:.2f} samples/s",
+                highlight=False,
+            )
+        if not math.isfinite(parts[0]):
+            raise ModelError(
+                f"stage {stage}: loss is {parts[0]} at step {step + 1}; lower llm.stage{stage}.lr"
+            )
+        if st.checkpoint_every and (step + 1) % st.checkpoint_every == 0 and step + 1 < total:
+            if acc.is_main_process:
+                save_checkpoint(
+                    ckpt_dir,
+                    step + 1,
+                    raw,
+                    optimizer,
+                    {"log": log, "elapsed": elapsed, "total": total, "key": key},
+                )
+            acc.wait_for_everyone()
+
+    done = start + run_steps
+    timed = log[start:] if run_steps else log
+    timed_s = max(1e-9, sum(r["seconds"] for r in timed))
+    summary = {
+        "stage": stage,
+        "steps": total,
+        "steps_done": done,
+        "resumed_from": start,
+        "samples": len(samples),
+        "epochs": st.epochs,
+        "batch_size": st.batch_size,
+        "processes": world,
+        "device": str(acc.device),
+        "seconds": round(elapsed, 1),
+        "seconds_per_step": round(float(np.mean([r["seconds"] for r in timed])), 3) if timed else None,
+        "samples_per_s": round(sum(r["samples"] for r in timed) / timed_s, 3) if timed else None,
+        "tokens_per_s": round(sum(r["tokens"] for r in timed) / timed_s, 1) if timed else None,
+        "first_loss": log[0]["loss"] if log else None,
+        "last_loss": log[-1]["loss"] if log else None,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "checkpoint_dir": str(ckpt_dir),
+        "key": key,
+    }
+    if done < total:  # stopped early: leave a checkpoint to resume from, write no outputs
+        if acc.is_main_process:
+            save_checkpoint(
+                ckpt_dir, done, raw, optimizer, {"log": log, "elapsed": elapsed, "total": total, "key": key}
+            )
+        acc.wait_for_everyone()
+        return summary
+    if acc.is_main_process:
+        write_outputs(out_dir, stage, raw, settings, builder, base_dir, summary, log)
+    acc.wait_for_everyone()
+    return summary
+
+
+def write_outputs(
+    out_dir: Path,
+    stage: int,
+    model: RsllmModel,
+    settings,
+    builder: PromptBuilder,
+    base_dir: Path,
+    summary: dict,
+    log: list[dict],
+) -> None:
+    """adapter/ (peft, safetensors), projector + item table (stage 2), config.json, train_log.json."""
+    llm_s = settings.llm
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True, save_embedding_layers=False)
+        config = {
+            "stage": stage,
+            "mode": "unified" if model.unified else "text",
+            "base_dir": str(base_dir),
+            "history_len": llm_s.history_len,
+            "max_prompt_tokens": builder.max_prompt_tokens,
+            "n_id_items": builder.n_id_items,
+            "seed": settings.seed,
+            "llm": llm_s.model_dump(mode="json"),
+            "train": summary,
+        }
+        if model.unified:
+            save_projector(model.projector, tmp / "projector.safetensors")
+            save_file(
+                {"item_embeddings": model.item_table.detach().float().cpu().contiguous()},
+                str(tmp / "item_embeddings.safetensors"),
+            )
+            config["projector"] = model.projector.config()
+        write_json_atomic(tmp / "config.json", config)
+        write_json_atomic(tmp / "train_log.json", log)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m components.llm.train` is `rsllm train-llm`
+    from components.cli import app
+
+    sys.exit(app(["train-llm", *sys.argv[1:]]))
