@@ -172,8 +172,8 @@ def train_llm(stage: int = typer.Option(..., "--stage", help="1: LoRA on text pr
               params: ParamsOpt = DEFAULT_PARAMS,
               prepared: Path = typer.Option(Path("data/prepared")),
               base_dir: Path = typer.Option(Path("models/base"), "--base"),
-              stage1: Path = typer.Option(Path("models/llm/stage1"), help="stage 1's output (stage 2 input)"),
-              sasrec: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder (item embeddings)"),
+              stage1: Path = typer.Option(Path("models/llm/stage1"), help="stage 1's output (for stage 2)"),
+              sasrec: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder (item table)"),
               out: Path | None = typer.Option(None, help="default: models/llm/stage<k>"),
               stop_after: int | None = typer.Option(None, hidden=True, help="stop after N steps (tests)"),
               ) -> None:
