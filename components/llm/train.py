@@ -36,7 +36,7 @@ from components.llm.base import load_base
 from components.llm.model import Projector, RsllmModel, add_lora, load_item_table, load_lora, save_projector
 from components.llm.prompts import PromptBuilder
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass(frozen=True)
@@ -434,6 +434,7 @@ def train_stage(
         return summary
     if acc.is_main_process:
         write_outputs(out_dir, stage, raw, settings, builder, base_dir, summary, log)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing left to resume
     acc.wait_for_everyone()
     return summary
 
