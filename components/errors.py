@@ -16,8 +16,15 @@ class SourceError(RsllmError):
 class DataValidationError(RsllmError):
     """Data failed its expectations; names the file, the column, the expectation and bad examples."""
 
-    def __init__(self, message: str, *, file: str = "", column: str = "", expectation: str = "",
-                 examples: list | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str = "",
+        column: str = "",
+        expectation: str = "",
+        examples: list | None = None,
+    ):
         super().__init__(message)
         self.file = file
         self.column = column

@@ -31,8 +31,11 @@ def waiting_drops(incoming: Path) -> list[Path]:
     """Interaction files waiting in data/incoming, oldest name first (items files ride along)."""
     if not incoming.is_dir():
         return []
-    return sorted(p for p in incoming.iterdir()
-                  if p.is_file() and p.suffix.lower() in DROP_SUFFIXES and not p.stem.endswith(".items"))
+    return sorted(
+        p
+        for p in incoming.iterdir()
+        if p.is_file() and p.suffix.lower() in DROP_SUFFIXES and not p.stem.endswith(".items")
+    )
 
 
 def quarantine(drop: Path, error: Exception, quarantine_dir: Path) -> dict:
@@ -40,9 +43,14 @@ def quarantine(drop: Path, error: Exception, quarantine_dir: Path) -> dict:
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     reason = {
-        "drop": drop.name, "rejected_at": stamp, "error": type(error).__name__, "message": str(error),
-        "file": getattr(error, "file", str(drop)), "column": getattr(error, "column", ""),
-        "expectation": getattr(error, "expectation", ""), "examples": getattr(error, "examples", []),
+        "drop": drop.name,
+        "rejected_at": stamp,
+        "error": type(error).__name__,
+        "message": str(error),
+        "file": getattr(error, "file", str(drop)),
+        "column": getattr(error, "column", ""),
+        "expectation": getattr(error, "expectation", ""),
+        "examples": getattr(error, "examples", []),
     }
     moved = []
     for path in (drop, drop_items_path(drop)):
@@ -55,7 +63,9 @@ def quarantine(drop: Path, error: Exception, quarantine_dir: Path) -> dict:
     return reason
 
 
-def accept(drop: Path, inter: pd.DataFrame, items: pd.DataFrame | None, accepted: Path, archive: Path) -> list[Path]:
+def accept(
+    drop: Path, inter: pd.DataFrame, items: pd.DataFrame | None, accepted: Path, archive: Path
+) -> list[Path]:
     """Write the canonical drop into data/accepted (atomically) and archive the original files."""
     written = []
     with atomic_file(accepted / f"{drop.stem}.parquet") as fh:
@@ -88,9 +98,14 @@ def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_v
     for drop in drops:
         try:
             if (data / "accepted" / f"{drop.stem}.parquet").exists():
-                raise DataValidationError(f"{drop}: a drop named {drop.stem!r} was already accepted",
-                                          file=str(drop), expectation="drop name is new")
-            inter, items, summaries = validate_drop(settings, drop, catalogue, repo / "reports/validation/docs")
+                raise DataValidationError(
+                    f"{drop}: a drop named {drop.stem!r} was already accepted",
+                    file=str(drop),
+                    expectation="drop name is new",
+                )
+            inter, items, summaries = validate_drop(
+                settings, drop, catalogue, repo / "reports/validation/docs"
+            )
         except (DataValidationError, SourceError) as e:
             reason = quarantine(drop, e, data / "quarantine")
             log.error("rejected %s: %s", drop.name, e)
@@ -99,8 +114,9 @@ def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_v
         written += accept(drop, inter, items, data / "accepted", data / "archive")
         if items is not None:
             catalogue = pd.concat([catalogue, items[~items["item_id"].isin(set(catalogue["item_id"]))]])
-        result["accepted"].append({"drop": drop.name, "rows": len(inter),
-                                   "users": int(inter["user_id"].nunique())})
+        result["accepted"].append(
+            {"drop": drop.name, "rows": len(inter), "users": int(inter["user_id"].nunique())}
+        )
     if not written:
         return result
     try:

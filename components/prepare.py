@@ -45,7 +45,9 @@ def chronological(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["user_id", "timestamp", "_row"], kind="stable").drop(columns="_row")
 
 
-def sample_candidates(target: int, seen: set[int], n_items: int, n: int, rng: np.random.Generator) -> list[int]:
+def sample_candidates(
+    target: int, seen: set[int], n_items: int, n: int, rng: np.random.Generator
+) -> list[int]:
     """The target plus n-1 distinct items in 1..n_items the user never interacted with, shuffled."""
     if n_items - len(seen) < n - 1:
         raise DataValidationError(

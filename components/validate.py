@@ -46,13 +46,17 @@ def interaction_expectations(cfg: ValidateSettings, catalogue_ids: set[str] | No
     min_ts = int(dt.datetime.combine(cfg.min_timestamp, dt.time(), tzinfo=dt.UTC).timestamp())
     now = int(time.time()) + 3600  # an hour of clock skew is tolerated
     exps = [gxe.ExpectColumnToExist(column=c) for c in ("user_id", "item_id", "rating", "timestamp")]
-    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("user_id", "item_id", "rating", "timestamp")]
+    exps += [
+        gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("user_id", "item_id", "rating", "timestamp")
+    ]
     exps += [
         gxe.ExpectColumnValueLengthsToBeBetween(column="user_id", min_value=1, max_value=128),
         gxe.ExpectColumnValueLengthsToBeBetween(column="item_id", min_value=1, max_value=128),
         gxe.ExpectColumnValuesToBeInTypeList(column="rating", type_list=["float64", "Float64"]),
         gxe.ExpectColumnValuesToBeInTypeList(column="timestamp", type_list=["int64", "Int64"]),
-        gxe.ExpectColumnValuesToBeBetween(column="rating", min_value=cfg.rating_min, max_value=cfg.rating_max),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="rating", min_value=cfg.rating_min, max_value=cfg.rating_max
+        ),
         gxe.ExpectColumnValuesToBeBetween(column="timestamp", min_value=min_ts, max_value=now),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "timestamp"]),
         gxe.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi),
@@ -82,23 +86,34 @@ def run_checks(checks: list[TableCheck], docs_dir: Path | None) -> list[dict]:
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # our CLI reports progress itself
     if docs_dir is not None:
-        context.add_data_docs_site(site_name=SITE, site_config={
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(Path(docs_dir).resolve())},
-        })
+        context.add_data_docs_site(
+            site_name=SITE,
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(Path(docs_dir).resolve()),
+                },
+            },
+        )
     source = context.data_sources.add_pandas("rsllm")
     summaries = []
     for check in checks:
         batch = source.add_dataframe_asset(check.name).add_batch_definition_whole_dataframe("whole")
         suite = context.suites.add(gx.ExpectationSuite(name=check.name, expectations=check.expectations))
         definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=check.name, data=batch, suite=suite))
+            gx.ValidationDefinition(name=check.name, data=batch, suite=suite)
+        )
         actions = [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[SITE])] if docs_dir else []
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"{check.name}-checkpoint", validation_definitions=[definition], actions=actions,
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}))
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{check.name}-checkpoint",
+                validation_definitions=[definition],
+                actions=actions,
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
+            )
+        )
         result = checkpoint.run(batch_parameters={"dataframe": check.frame})
         for run in result.run_results.values():
             summaries.append(_summarise(check, run))
@@ -113,17 +128,25 @@ def _summarise(check: TableCheck, run) -> dict:
         cfg = r.expectation_config
         kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "value_set")}
         res = r.result or {}
-        failures.append({
-            "expectation": cfg.type,
-            "column": kwargs.get("column") or ",".join(kwargs.get("column_list", [])) or "(table)",
-            "kwargs": kwargs,
-            "unexpected_count": res.get("unexpected_count"),
-            "observed_value": res.get("observed_value"),
-            "examples": [_plain(v) for v in (res.get("partial_unexpected_list") or [])[:5]],
-            "exception": (r.exception_info or {}).get("exception_message") if r.exception_info else None,
-        })
-    return {"table": check.name, "file": check.file, "rows": len(check.frame), "success": not failures,
-            "expectations": len(run.results), "failures": failures}
+        failures.append(
+            {
+                "expectation": cfg.type,
+                "column": kwargs.get("column") or ",".join(kwargs.get("column_list", [])) or "(table)",
+                "kwargs": kwargs,
+                "unexpected_count": res.get("unexpected_count"),
+                "observed_value": res.get("observed_value"),
+                "examples": [_plain(v) for v in (res.get("partial_unexpected_list") or [])[:5]],
+                "exception": (r.exception_info or {}).get("exception_message") if r.exception_info else None,
+            }
+        )
+    return {
+        "table": check.name,
+        "file": check.file,
+        "rows": len(check.frame),
+        "success": not failures,
+        "expectations": len(run.results),
+        "failures": failures,
+    }
 
 
 def _plain(value):
@@ -138,8 +161,11 @@ def raise_on_failure(summaries: list[dict]) -> None:
         first = s["failures"][0]
         detail = "; ".join(_describe(f) for f in s["failures"])
         raise DataValidationError(
-            f"{s['file']}: {detail}", file=s["file"], column=first["column"],
-            expectation=first["expectation"], examples=first["examples"],
+            f"{s['file']}: {detail}",
+            file=s["file"],
+            column=first["column"],
+            expectation=first["expectation"],
+            examples=first["examples"],
         )
 
 
@@ -169,8 +195,12 @@ def validate_snapshot(settings: Settings, raw: Path, docs_dir: Path | None) -> l
     cfg = settings.validate_
     checks = [
         TableCheck("items", str(items_path), items, item_expectations(cfg)),
-        TableCheck("interactions", str(inter_path), inter,
-                   interaction_expectations(cfg, set(items["item_id"].dropna()), drop=False)),
+        TableCheck(
+            "interactions",
+            str(inter_path),
+            inter,
+            interaction_expectations(cfg, set(items["item_id"].dropna()), drop=False),
+        ),
     ]
     return run_checks(checks, docs_dir)
 
@@ -196,18 +226,25 @@ def load_drop(settings: Settings, path: Path) -> tuple[pd.DataFrame, pd.DataFram
     return inter, items
 
 
-def validate_drop(settings: Settings, path: Path, catalogue: pd.DataFrame,
-                  docs_dir: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None, list[dict]]:
+def validate_drop(
+    settings: Settings, path: Path, catalogue: pd.DataFrame, docs_dir: Path | None
+) -> tuple[pd.DataFrame, pd.DataFrame | None, list[dict]]:
     """Validate one drop against the current catalogue (plus the drop's own items file)."""
     inter, items = load_drop(settings, path)
     known = set(catalogue["item_id"].dropna())
     checks = []
     if items is not None:
-        checks.append(TableCheck(f"{path.stem}-items", str(drop_items_path(path)), items,
-                                 item_expectations(settings.validate_)))
+        checks.append(
+            TableCheck(
+                f"{path.stem}-items", str(drop_items_path(path)), items, item_expectations(settings.validate_)
+            )
+        )
         known |= set(items["item_id"].dropna())
-    checks.append(TableCheck(path.stem, str(path), inter,
-                             interaction_expectations(settings.validate_, known, drop=True)))
+    checks.append(
+        TableCheck(
+            path.stem, str(path), inter, interaction_expectations(settings.validate_, known, drop=True)
+        )
+    )
     summaries = run_checks(checks, docs_dir)
     raise_on_failure(summaries)
     return inter, items, summaries

@@ -26,8 +26,12 @@ VERSIONED_FILES = ("dvc.lock", "data/accepted.dvc", "reports/merge.json", "repor
 # A version is only restorable if the pipeline definition it ran with is committed too.
 MUST_BE_COMMITTED = ("dvc.yaml", "params.yaml")
 TAG_PREFIX = "data/v"
-IDENTITY = {"GIT_AUTHOR_NAME": "rsllm-ops", "GIT_AUTHOR_EMAIL": "rsllm-ops@localhost",
-            "GIT_COMMITTER_NAME": "rsllm-ops", "GIT_COMMITTER_EMAIL": "rsllm-ops@localhost"}
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "rsllm-ops",
+    "GIT_AUTHOR_EMAIL": "rsllm-ops@localhost",
+    "GIT_COMMITTER_NAME": "rsllm-ops",
+    "GIT_COMMITTER_EMAIL": "rsllm-ops@localhost",
+}
 
 
 def tool_env() -> dict:
@@ -40,8 +44,7 @@ def tool_env() -> dict:
 def run(cmd: list[str], repo: Path, *, extra_env: dict | None = None) -> str:
     """Run git or dvc in `repo`; a failure raises VersioningError with the tool's own message."""
     exe = [sys.executable, "-m", "dvc", *cmd[1:]] if cmd[0] == "dvc" else cmd
-    proc = subprocess.run(exe, cwd=repo, capture_output=True, text=True,
-                          env=tool_env() | (extra_env or {}))
+    proc = subprocess.run(exe, cwd=repo, capture_output=True, text=True, env=tool_env() | (extra_env or {}))
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
         raise VersioningError(f"`{' '.join(cmd)}` failed in {repo}: {tail}")
@@ -61,15 +64,19 @@ def check_committable(repo: Path) -> None:
 
 def existing_tags(repo: Path) -> list[str]:
     out = run(["git", "tag", "--list", f"{TAG_PREFIX}*"], repo)
-    return sorted((t for t in out.split() if t[len(TAG_PREFIX):].isdigit()),
-                  key=lambda t: int(t[len(TAG_PREFIX):]))
+    return sorted(
+        (t for t in out.split() if t[len(TAG_PREFIX) :].isdigit()), key=lambda t: int(t[len(TAG_PREFIX) :])
+    )
 
 
 def snapshot_figures(repo: Path) -> dict:
     """Rows, users and items of data/raw, for the version's record."""
     inter = pd.read_parquet(repo / "data/raw/interactions.parquet", columns=["user_id", "item_id"])
-    return {"rows": len(inter), "users": int(inter["user_id"].nunique()),
-            "items": int(inter["item_id"].nunique())}
+    return {
+        "rows": len(inter),
+        "users": int(inter["user_id"].nunique()),
+        "items": int(inter["item_id"].nunique()),
+    }
 
 
 def record_version(repo: Path, note: str = "", push: bool = True, check: bool = True) -> dict:
@@ -80,15 +87,30 @@ def record_version(repo: Path, note: str = "", push: bool = True, check: bool = 
     if check:
         check_committable(repo)
     tags = existing_tags(repo)
-    tag = f"{TAG_PREFIX}{int(tags[-1][len(TAG_PREFIX):]) + 1 if tags else 1}"
-    info = snapshot_figures(repo) | {"version": tag, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                                     "note": note}
+    tag = f"{TAG_PREFIX}{int(tags[-1][len(TAG_PREFIX) :]) + 1 if tags else 1}"
+    info = snapshot_figures(repo) | {
+        "version": tag,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "note": note,
+    }
     files = [f for f in VERSIONED_FILES if (repo / f).exists()]
     run(["git", "add", "--", *files], repo)
     staged = run(["git", "diff", "--cached", "--name-only", "--", *files], repo).split()
     if staged:
-        run(["git", "commit", "--no-verify", "-q", "-m", f"data: {tag} ({info['rows']} interactions)",
-             "--", *files], repo, extra_env=IDENTITY)
+        run(
+            [
+                "git",
+                "commit",
+                "--no-verify",
+                "-q",
+                "-m",
+                f"data: {tag} ({info['rows']} interactions)",
+                "--",
+                *files,
+            ],
+            repo,
+            extra_env=IDENTITY,
+        )
     run(["git", "tag", "-a", tag, "-m", json.dumps(info, sort_keys=True)], repo, extra_env=IDENTITY)
     if push:
         run(["dvc", "push", "-q"], repo)
@@ -115,8 +137,12 @@ def print_versions(versions: list[dict]) -> None:
     for col in ("version", "date", "rows", "users", "items", "commit", "note"):
         table.add_column(col)
     for v in versions:
-        table.add_row(*(str(v.get(c, ""))[:12] if c == "commit" else str(v.get(c, ""))
-                        for c in ("version", "date", "rows", "users", "items", "commit", "note")))
+        table.add_row(
+            *(
+                str(v.get(c, ""))[:12] if c == "commit" else str(v.get(c, ""))
+                for c in ("version", "date", "rows", "users", "items", "commit", "note")
+            )
+        )
     Console().print(table)
 
 
@@ -132,7 +158,9 @@ def read_version_file(repo: Path, version: str, path: str) -> bytes:
 def restore(repo: Path, version: str) -> dict:
     """Put data/accepted and data/raw of `version` back into the work tree (pulling if needed)."""
     _known(repo, version)
-    files = [f for f in VERSIONED_FILES if run(["git", "ls-tree", "--name-only", version, "--", f], repo).strip()]
+    files = [
+        f for f in VERSIONED_FILES if run(["git", "ls-tree", "--name-only", version, "--", f], repo).strip()
+    ]
     run(["git", "checkout", version, "--", *files], repo)
     run(["git", "reset", "-q", "--", *files], repo)  # leave them as plain work-tree edits, nothing staged
     try:
