@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -200,18 +201,18 @@ def train_llm(
     from components.llm import train
 
     s = _settings(params)
-    _print_json(
-        train.train_stage(
-            stage,
-            s,
-            prepared,
-            base_dir,
-            out or Path(f"models/llm/stage{stage}"),
-            stage1_dir=stage1 if stage == 2 else None,
-            item_table=sasrec if stage == 2 else None,
-            stop_after=stop_after,
-        )
+    summary = train.train_stage(
+        stage,
+        s,
+        prepared,
+        base_dir,
+        out or Path(f"models/llm/stage{stage}"),
+        stage1_dir=stage1 if stage == 2 else None,
+        item_table=sasrec if stage == 2 else None,
+        stop_after=stop_after,
     )
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`: one summary, from rank 0
+        _print_json(summary)
 
 
 def main() -> None:  # pragma: no cover - console entry point
