@@ -88,11 +88,18 @@ def validate(
     params: ParamsOpt = DEFAULT_PARAMS,
     raw: Path = typer.Option(Path("data/raw")),
     docs: Path = typer.Option(Path("reports/validation"), help="data docs + summary folder"),
+    open_docs: bool = typer.Option(False, "--open", help="open the data docs in a browser afterwards"),
 ) -> None:
     """Validate data/raw (or one file) with Great Expectations; data docs go to reports/validation/."""
     from components import validate as v
 
-    summary = v.validate_path(_settings(params), path, raw, docs)
+    try:
+        summary = v.validate_path(_settings(params), path, raw, docs)
+    finally:
+        if open_docs and (docs / "docs/index.html").exists():
+            import webbrowser
+
+            webbrowser.open((docs / "docs/index.html").resolve().as_uri())
     _print_json(summary)
 
 
