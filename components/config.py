@@ -223,6 +223,7 @@ class LlmSettings(_Section):
 
 class Settings(_Section):
     seed: int = Field(42, ge=0)
+    profile: str | None = Field(None, description="active entry of `profiles`, merged over the sections")
     data: DataSettings
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     prepare: PrepareSettings = PrepareSettings()
@@ -238,8 +239,18 @@ def _dotted(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def parse_settings(raw: dict, source: str = "params.yaml") -> Settings:
-    """Validate a params mapping; errors name the dotted key."""
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` merged into `base`, recursively for mappings (neither is modified)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = deep_merge(base[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(raw: dict, source: str, context: str = "") -> Settings:
     try:
         return Settings.model_validate(raw)
     except ValidationError as e:
@@ -249,7 +260,27 @@ def parse_settings(raw: dict, source: str = "params.yaml") -> Settings:
             kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             value = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
             problems.append(f"{key}: {kind}{value}")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+        raise ConfigError(f"{source}{context}: " + "; ".join(problems)) from None
+
+
+def parse_settings(raw: dict, source: str = "params.yaml") -> Settings:
+    """Validate a params mapping; errors name the dotted key.
+
+    `profiles` maps a profile name to overrides of the sections (e.g. demo / medium / full sizes);
+    `profile` picks the active one. Every profile is validated, so a typo in an inactive one fails too.
+    """
+    raw = dict(raw)
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise ConfigError(f"{source}: profiles: must map profile names to mappings of overrides")
+    active = raw.get("profile")
+    if active is not None and active not in profiles:
+        raise ConfigError(f"{source}: profile: {active!r} is not one of profiles {sorted(profiles)}")
+    for name, override in profiles.items():
+        if name != active:
+            _validate(deep_merge(raw, override), source, f" (profiles.{name})")
+    merged = deep_merge(raw, profiles[active]) if active is not None else raw
+    return _validate(merged, source, f" (profile {active})" if active else "")
 
 
 def load_settings(path: Path | str = DEFAULT_PARAMS) -> Settings:

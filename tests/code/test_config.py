@@ -61,3 +61,24 @@ def test_unreadable_files(tmp_path):
     bad.write_text("seed: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(bad)
+
+
+def test_active_profile_overrides_sections():
+    params = raw()
+    params["profiles"] = {"tiny": {"prepare": {"history_len": 5}}, "big": {"prepare": {"history_len": 50}}}
+    params["profile"] = "tiny"
+    s = parse_settings(params)
+    assert s.profile == "tiny" and s.prepare.history_len == 5
+    params["profile"] = "big"
+    assert parse_settings(params).prepare.history_len == 50
+
+
+def test_unknown_profile_and_typo_in_an_inactive_profile_are_named():
+    params = raw()
+    params["profiles"] = {"a": {}, "b": {"prepare": {"kcroe": 3}}}
+    params["profile"] = "c"
+    with pytest.raises(ConfigError, match=r"profile: 'c' is not one of profiles \['a', 'b'\]"):
+        parse_settings(params)
+    params["profile"] = "a"
+    with pytest.raises(ConfigError, match=r"\(profiles\.b\): prepare\.kcroe: unknown key"):
+        parse_settings(params)
