@@ -82,8 +82,17 @@ def write_item_table(path: Path, n_items: int, dim: int = 8, seed: int = 0) -> t
 def llm_params(tmp: Path, **stage) -> dict:
     """The repo's params.yaml with a small llm section (both stages use `stage` overrides)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    st = {"samples": 8, "epochs": 1, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
-          "max_prompt_tokens": 400, "checkpoint_every": 1, "log_every": 1, **stage}  # fmt: skip
+    st = {
+        "samples": 8,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "max_prompt_tokens": 400,
+        "checkpoint_every": 1,
+        "log_every": 1,
+        **stage,
+    }
     raw["llm"] = {
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
         "projector_hidden": 16,

@@ -1,0 +1,103 @@
+"""Embedding injection, cold start, projector round trip, and where gradients go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.llm.losses import batch_losses
+from components.llm.model import Projector, RsllmModel, add_lora, load_projector, save_projector
+from components.llm.prompts import PromptBuilder
+from components.llm.train import Sample, collate
+from tests.model.llm_fixtures import tiny_model, tiny_titles
+
+TITLES = tiny_titles(12)
+
+
+@pytest.fixture
+def parts():
+    model, tok = tiny_model(TITLES)
+    table = torch.randn(11, 8, generator=torch.Generator().manual_seed(1))  # items 1..10 have IDs
+    torch.manual_seed(0)
+    return model, tok, table, Projector(8, model.config.hidden_size, 16)
+
+
+def _last_hidden(model: RsllmModel, builder: PromptBuilder, history, cands) -> torch.Tensor:
+    p = builder.prompt(history, cands)
+    at = torch.zeros(1, len(p.ids), dtype=torch.long)
+    at[0, p.item_pos] = torch.tensor(p.item_idx, dtype=torch.long)
+    with torch.no_grad():
+        return model.hidden(torch.tensor([p.ids]), at)[0, -1]
+
+
+def test_changing_an_items_id_embedding_changes_the_unified_output(parts):
+    llm, tok, table, proj = parts
+    model = RsllmModel(llm, proj, table.clone()).eval()
+    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=10)
+    before = _last_hidden(model, b, [1, 2], [3, 4])
+    model.item_table[2] += 1.0  # an item in the prompt
+    assert not torch.allclose(before, _last_hidden(model, b, [1, 2], [3, 4]), atol=1e-5)
+    changed = _last_hidden(model, b, [1, 2], [3, 4])
+    model.item_table[7] += 1.0  # an item not in the prompt
+    torch.testing.assert_close(changed, _last_hidden(model, b, [1, 2], [3, 4]))
+
+
+def test_text_only_prompts_ignore_id_embeddings(parts):
+    llm, tok, table, proj = parts
+    model = RsllmModel(llm, proj, table.clone()).eval()
+    b = PromptBuilder(tok, TITLES, unified=False, n_id_items=10)
+    before = _last_hidden(model, b, [1, 2], [3, 4])
+    model.item_table[1:5] += 3.0
+    torch.testing.assert_close(before, _last_hidden(model, b, [1, 2], [3, 4]))
+    # and a text-only model (no projector) never injects, even given item positions
+    text_model = RsllmModel(llm).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(
+        text_model.embed(ids, torch.tensor([[0, 3, 0]])), llm.get_input_embeddings()(ids)
+    )
+
+
+def test_placeholder_embedding_is_the_projected_id_embedding(parts):
+    llm, tok, table, proj = parts
+    model = RsllmModel(llm, proj, table).eval()
+    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=10)
+    p = b.prompt([4, 11], [2])  # 11 is cold: title only
+    assert p.item_idx == [4, 2]
+    at = torch.zeros(1, len(p.ids), dtype=torch.long)
+    at[0, p.item_pos] = torch.tensor(p.item_idx, dtype=torch.long)
+    with torch.no_grad():
+        emb = model.embed(torch.tensor([p.ids]), at)[0]
+        plain = llm.get_input_embeddings()(torch.tensor(p.ids))
+        torch.testing.assert_close(emb[p.item_pos], proj(table[[4, 2]]))
+        others = [i for i in range(len(p.ids)) if i not in p.item_pos]
+        torch.testing.assert_close(emb[others], plain[others])
+
+
+def test_projector_round_trip(tmp_path, parts):
+    *_, proj = parts
+    save_projector(proj, tmp_path / "p.safetensors")
+    again = load_projector(tmp_path / "p.safetensors")
+    x = torch.randn(3, 8)
+    assert again.config() == proj.config()
+    torch.testing.assert_close(again(x), proj(x))
+
+
+def test_gradients_reach_projector_and_lora_only(parts):
+    llm, tok, table, proj = parts
+    model = RsllmModel(add_lora(llm, 4, 8, 0.0, ["q_proj", "v_proj"]), proj, table)
+    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=10)
+    batch = collate(
+        [Sample(0, [1, 2], 3, [3, 4, 5]), Sample(1, [4], 6, [7, 6, 8]), Sample(2, [9, 10], 11, [11, 1])], b
+    )
+    out = batch_losses(model, batch, a=1.0, b=1.0, temperature=0.1)
+    assert out["user_item"] > 0 and out["id_text"] > 0
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name or name.startswith("projector."):
+            assert p.requires_grad, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    # LoRA B starts at zero, so it (not A) gets a non-zero gradient on the first step
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    assert all(p.grad.abs().sum() > 0 for p in model.projector.parameters())
