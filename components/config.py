@@ -221,6 +221,23 @@ class LlmSettings(_Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
 
 
+class GateSettings(_Section):
+    """Promotion thresholds (set per profile from measured figures)."""
+
+    candidate: str = Field("stage2", description="the block of metrics/eval.json being promoted")
+    min: dict[str, float] = Field(default_factory=lambda: {"hr@1": 0.05, "valid_ratio": 1.0},
+                                  description="absolute minimums, always applied")
+    tolerance: dict[str, float] = Field(default_factory=lambda: {"hr@1": 0.02, "ndcg@5": 0.02},
+                                        description="allowed drop vs production on the same candidates")
+
+
+class RegistrySettings(_Section):
+    """What `rsllm gc` keeps."""
+
+    keep_models: int = Field(3, ge=1)
+    keep_checkpoints: int = Field(2, ge=0)
+
+
 class Settings(_Section):
     seed: int = Field(42, ge=0)
     profile: str | None = Field(None, description="active entry of `profiles`, merged over the sections")
@@ -230,6 +247,8 @@ class Settings(_Section):
     sasrec: SasrecSettings = SasrecSettings()
     export: ExportSettings = ExportSettings()
     llm: LlmSettings = LlmSettings()
+    gate: GateSettings = GateSettings()
+    registry: RegistrySettings = RegistrySettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

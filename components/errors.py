@@ -42,3 +42,11 @@ class ModelError(RsllmError):
 
 class ExportError(RsllmError):
     """An ONNX export failed or its outputs disagree with the torch model beyond the tolerance."""
+
+
+class RegistryError(RsllmError):
+    """The model store or the production pointer could not be read or changed."""
+
+
+class GateRejected(RsllmError):
+    """The promotion gate rejected the candidate; the message lists every failed threshold."""

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
+
+# Tests never touch the user's BentoML store: a private one for the whole session (set before any
+# test imports bentoml, which reads BENTOML_HOME once).
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="rsllm-test-bentoml-")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import pytest
 

@@ -1,0 +1,76 @@
+"""The promotion gate: thresholds on the candidate's metrics, and no regression against production.
+
+Inputs are the evaluation metrics (metrics/eval.json: one block per model, e.g. "stage2", and a
+"production" block when the production model was re-scored on the same candidate sets).
+  - absolute minimums: every `gate.min.<metric>` must hold for the candidate (always);
+  - no regression: candidate >= production - `gate.tolerance.<metric>` (only when production exists).
+The decision and every reason go to reports/gate.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from components.config import GateSettings
+from components.io import write_json_atomic
+
+
+@dataclass
+class Decision:
+    passed: bool
+    candidate: str
+    reasons: list[str] = field(default_factory=list)  # one line per check, failed or passed
+    failed: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    production: dict | None = None
+
+
+def decide(metrics: dict, cfg: GateSettings) -> Decision:
+    """Pure function: apply the thresholds to the candidate block of `metrics`."""
+    cand = metrics.get(cfg.candidate)
+    if cand is None:
+        return Decision(
+            False,
+            cfg.candidate,
+            failed=[f"no '{cfg.candidate}' block in the evaluation metrics"],
+            reasons=[f"no '{cfg.candidate}' block in the evaluation metrics"],
+        )
+    prod = metrics.get("production")
+    d = Decision(True, cfg.candidate, metrics=cand, production=prod)
+    for name, minimum in sorted(cfg.min.items()):
+        value = cand.get(name)
+        ok = value is not None and value >= minimum
+        _record(d, ok, f"{cfg.candidate} {name} = {_fmt(value)} {'>=' if ok else '<'} minimum {minimum}")
+    if prod is None:
+        d.reasons.append("no production model: only the minimums apply")
+    else:
+        for name, tol in sorted(cfg.tolerance.items()):
+            value, ref = cand.get(name), prod.get(name)
+            if ref is None:
+                continue
+            ok = value is not None and value >= ref - tol
+            _record(
+                d,
+                ok,
+                f"{cfg.candidate} {name} = {_fmt(value)} vs production {_fmt(ref)} "
+                f"(tolerance {tol}): {'no worse' if ok else 'worse'}",
+            )
+    d.passed = not d.failed
+    return d
+
+
+def _record(d: Decision, ok: bool, line: str) -> None:
+    d.reasons.append(("PASS " if ok else "FAIL ") + line)
+    if not ok:
+        d.failed.append(line)
+
+
+def _fmt(v) -> str:
+    return "missing" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_decision(d: Decision, path: Path) -> dict:
+    out = asdict(d)
+    write_json_atomic(path, out)
+    return out

@@ -1,0 +1,34 @@
+"""The promotion gate: minimums always, no-regression only against an existing production."""
+
+from components.config import GateSettings
+from components.gate import decide, write_decision
+
+CFG = GateSettings(min={"hr@1": 0.1, "valid_ratio": 1.0}, tolerance={"hr@1": 0.02})
+
+
+def test_minimums_only_without_production():
+    d = decide({"stage2": {"hr@1": 0.15, "valid_ratio": 1.0}}, CFG)
+    assert d.passed and d.failed == []
+    assert any("no production model" in r for r in d.reasons)
+
+
+def test_each_failed_minimum_is_a_reason():
+    d = decide({"stage2": {"hr@1": 0.05, "valid_ratio": 0.9}}, CFG)
+    assert not d.passed and len(d.failed) == 2
+    assert any("hr@1 = 0.0500 < minimum 0.1" in f for f in d.failed)
+    assert any("valid_ratio" in f for f in d.failed)
+
+
+def test_regression_beyond_tolerance_fails_within_passes():
+    worse = decide({"stage2": {"hr@1": 0.20, "valid_ratio": 1.0}, "production": {"hr@1": 0.25}}, CFG)
+    assert not worse.passed and "vs production 0.2500" in worse.failed[0]
+    close = decide({"stage2": {"hr@1": 0.24, "valid_ratio": 1.0}, "production": {"hr@1": 0.25}}, CFG)
+    assert close.passed
+
+
+def test_missing_candidate_or_metric_fails(tmp_path):
+    assert not decide({"stage1": {"hr@1": 0.9}}, CFG).passed
+    d = decide({"stage2": {"valid_ratio": 1.0}}, CFG)
+    assert not d.passed and "hr@1 = missing" in d.failed[0]
+    out = write_decision(d, tmp_path / "gate.json")
+    assert (tmp_path / "gate.json").exists() and out["passed"] is False
