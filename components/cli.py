@@ -222,6 +222,59 @@ def train_llm(
         _print_json(summary)
 
 
+@app.command()
+@cli_errors
+def promote(tag: Annotated[str, typer.Argument(help="a stored model, e.g. rsllm:abc123")]) -> None:
+    """Point production at a model already in the BentoML store (atomic; takes effect on restart)."""
+    from components import registry
+
+    _print_json(registry.promote(tag, Path("."), reason="manual promote"))
+
+
+@app.command()
+@cli_errors
+def rollback(
+    to: str = typer.Option(None, help="a stored model tag (default: the previous production)"),
+) -> None:
+    """Point production back at the previous model (or at --to)."""
+    from components import registry
+
+    _print_json(registry.rollback(Path("."), to))
+
+
+@app.command()
+@cli_errors
+def models() -> None:
+    """List the stored models with their metrics, data version and which one is production."""
+    from rich.table import Table
+
+    from components import registry
+
+    rows = registry.list_models(Path("."))
+    table = Table(title="rsllm models")
+    for col in ("tag", "created", "production", "data version", "metrics"):
+        table.add_column(col)
+    for r in rows:
+        metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(r["metrics"].items()) if isinstance(v, float))
+        table.add_row(r["tag"], r["created"], "*" if r["production"] else "", str(r["data_version"]), metrics)
+    Console().print(table)
+
+
+@app.command()
+@cli_errors
+def gc(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    keep: int = typer.Option(None, help="models to keep (default: params registry.keep_models)"),
+) -> None:
+    """Delete old models (never production or its previous), then `dvc gc` of unused data."""
+    from components import registry, versioning
+
+    s = _settings(params)
+    deleted = registry.gc(Path("."), keep or s.registry.keep_models)
+    versioning.run(["dvc", "gc", "--workspace", "--all-tags", "-f", "-q"], Path("."))
+    _print_json({"deleted_models": deleted})
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
