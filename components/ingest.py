@@ -19,9 +19,9 @@ import pandas as pd
 
 from components import versioning
 from components.config import Settings
-from components.data import DROP_SUFFIXES, read_table
 from components.errors import DataValidationError, RsllmError, SourceError
 from components.io import atomic_file, write_json_atomic
+from components.sources import DROP_SUFFIXES, read_table
 from components.validate import drop_items_path, validate_drop
 
 log = logging.getLogger(__name__)

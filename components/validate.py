@@ -22,9 +22,9 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from components.config import Settings, ValidateSettings
-from components.data import canonical_interactions, canonical_items, read_table
 from components.errors import DataValidationError
 from components.io import write_json_atomic
+from components.sources import canonical_interactions, canonical_items, read_table
 
 log = logging.getLogger(__name__)
 SITE = "rsllm"

@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 
 from components.config import load_settings, parse_settings
-from components.data import clean_catalogue, fetch, merge, read_table, replay_week
+from components.data import clean_catalogue, merge, replay_week
 from components.errors import DataValidationError, SourceError
+from components.sources import fetch, read_table
 from tests.helpers import ROOT, deep_merge, synthetic_source
 
 

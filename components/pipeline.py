@@ -1,0 +1,70 @@
+"""Driving the DVC stage graph one stage at a time (DVC holds a repository lock).
+
+dvc.yaml stays the one definition of the stages: the retrain flow asks it for their order and runs
+`dvc repro <stage>` for each, which skips a stage whose deps, params and outs have not changed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from components.config import load_settings
+from components.errors import ConfigError, RsllmError, VersioningError
+from components.versioning import IDENTITY, run
+
+
+def dvc_stages(repo: Path) -> list[str]:
+    """Stage names in the order dvc.yaml defines them (upstream before downstream)."""
+    spec = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())
+    return list(spec.get("stages", {}))
+
+
+def stage_status(repo: Path, stage: str) -> bool:
+    """True when `dvc repro <stage>` would run something (the stage or one upstream of it)."""
+    out = run(["dvc", "status", stage], repo)
+    return "up to date" not in out
+
+
+def repro_stage(repo: Path, stage: str) -> dict:
+    """`dvc repro <stage>`; on failure restore its last good outputs (`dvc checkout`) and re-raise."""
+    started = time.monotonic()
+    try:
+        out = run(["dvc", "repro", stage], repo)
+    except VersioningError as e:
+        try:
+            run(["dvc", "checkout", "--force", stage], repo)
+            restored = "its last good outputs were restored with `dvc checkout`"
+        except RsllmError:
+            restored = "no earlier outputs to restore"
+        raise StageFailed(f"stage {stage!r} failed; {restored}. {e}") from None
+    ran = [m for m in re.findall(r"Running stage '([^']+)'", out)]
+    return {"stage": stage, "ran": ran, "seconds": round(time.monotonic() - started, 1)}
+
+
+class StageFailed(RsllmError):
+    """A DVC stage failed (its last good outputs are restored)."""
+
+
+def set_profile(repo: Path, profile: str) -> bool:
+    """Make `profile` the active params.yaml profile and commit that change; False if it already was."""
+    path = Path(repo) / "params.yaml"
+    text = path.read_text()
+    current = load_settings(path).profile
+    if current == profile:
+        return False
+    new, n = re.subn(r"(?m)^profile:.*$", f"profile: {profile}", text)
+    if n != 1:
+        raise ConfigError(f"{path}: needs exactly one top-level `profile:` line to switch profiles")
+    path.write_text(new)
+    try:
+        load_settings(path)
+    except ConfigError:
+        path.write_text(text)
+        raise
+    run(["git", "commit", "-q", "--no-verify", "-m", f"params: profile {profile}", "--", "params.yaml"],
+        repo, extra_env=IDENTITY)
+    return True
