@@ -173,3 +173,27 @@ class RsllmModel(nn.Module):
         from components.llm.losses import batch_losses
 
         return batch_losses(self, batch, **weights)
+
+
+def export_projected(stage_dir: Path, out_path: Path, tolerance: float = 1e-4) -> dict:
+    """projector(SASRec embedding) for every item of a stage-2 folder -> safetensors `projected_items`
+    [N_items + 1, H] (row 0 = padding, zeros), so a service builds unified prompts without the projector.
+    The written file is read back and checked against the torch projector (max abs diff <= tolerance)."""
+    from safetensors.torch import save as st_save
+
+    from components.io import atomic_file
+
+    stage_dir = Path(stage_dir)
+    projector = load_projector(stage_dir / "projector.safetensors").eval()
+    table = load_item_table(stage_dir / "item_embeddings.safetensors")  # [N + 1, D]
+    with torch.no_grad():
+        projected = projector(table)  # [N + 1, H]
+        projected[0] = 0.0
+    with atomic_file(Path(out_path)) as fh:
+        fh.write(st_save({"projected_items": projected.contiguous()}))
+    again = load_file(str(out_path))["projected_items"]
+    with torch.no_grad():
+        diff = float((again[1:] - projector(table[1:])).abs().max()) if len(table) > 1 else 0.0
+    if diff > tolerance:
+        raise ModelError(f"{out_path}: projected items differ from the projector by {diff:.2e} > {tolerance}")
+    return {"path": str(out_path), "items": len(table) - 1, "dim": projected.shape[1], "max_abs_diff": diff}

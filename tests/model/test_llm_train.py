@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from components.llm.model import export_projected
 from components.llm.rank import evaluate_split, ranks_from
 from components.llm.train import latest_checkpoint, train_stage
 from tests.model.llm_fixtures import (
@@ -73,6 +74,11 @@ def test_two_stages_write_outputs_and_evaluate(inputs, tmp_path):
     # stage 2 started from stage 1's adapter: same keys, and training moved it
     s1, s2 = _adapter(tmp_path / "s1"), _adapter(tmp_path / "s2")
     assert s1.keys() == s2.keys() and any(not torch.equal(s1[k], s2[k]) for k in s1)
+    # projected ID embeddings for serving: one row per item, equal to the projector's output
+    info = export_projected(tmp_path / "s2", tmp_path / "projected.safetensors")
+    projected = load_file(str(tmp_path / "projected.safetensors"))["projected_items"]
+    assert info["items"] == 40 and projected.shape == (41, 32) and info["max_abs_diff"] <= 1e-4
+    assert projected[0].abs().sum() == 0 and projected[1:].abs().sum() > 0
     # finished runs leave no checkpoint behind
     assert not Path(one["checkpoint_dir"]).exists()
     # evaluation of each model on the same users: a valid candidate score for each
