@@ -32,6 +32,23 @@ class Projector(nn.Module):
         return {"d_in": self.d_in, "d_out": self.d_out, "hidden": self.hidden}
 
 
+@torch.no_grad()
+def calibrate_projector(
+    projector: Projector, item_table: torch.Tensor, token_embeddings: torch.Tensor
+) -> float:
+    """Scale a fresh projector's last layer so its outputs have the RMS of the LLM's token embeddings.
+
+    An injected vector far larger (or smaller) than any token embedding would derail the LLM at the start
+    of stage 2. item_table [N + 1, D] (row 0 = padding), token_embeddings [V, H]. Returns the scale applied.
+    """
+    out = projector(item_table[1:].float())  # [N, H]
+    scale = float(token_embeddings.float().pow(2).mean().sqrt() / out.pow(2).mean().sqrt().clamp_min(1e-12))
+    last = projector.net[-1]
+    last.weight.mul_(scale)
+    last.bias.mul_(scale)
+    return scale
+
+
 def save_projector(projector: Projector, path: Path) -> None:
     """Projector weights as safetensors; its sizes ride along in the file's metadata."""
     meta = {k: str(v) for k, v in projector.config().items()}

@@ -33,7 +33,15 @@ from safetensors.torch import load_file, save_file
 from components.errors import ModelError
 from components.io import atomic_dir, write_json_atomic
 from components.llm.base import load_base
-from components.llm.model import Projector, RsllmModel, add_lora, load_item_table, load_lora, save_projector
+from components.llm.model import (
+    Projector,
+    RsllmModel,
+    add_lora,
+    calibrate_projector,
+    load_item_table,
+    load_lora,
+    save_projector,
+)
 from components.llm.prompts import PromptBuilder
 
 console = Console(stderr=True, soft_wrap=True)
@@ -265,6 +273,7 @@ def build_model(
         raise ModelError("stage 2 needs stage 1's output folder and the SASRec item embeddings")
     llm = load_lora(base, Path(stage1_dir) / "adapter", trainable=True)
     projector = Projector(item_table.shape[1], base.config.hidden_size, llm_settings.projector_hidden)
+    calibrate_projector(projector, item_table, base.get_input_embeddings().weight)
     return RsllmModel(llm, projector, item_table), tok
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from components.llm.losses import batch_losses
-from components.llm.model import Projector, RsllmModel, add_lora, load_projector, save_projector
+from components.llm.model import (
+    Projector,
+    RsllmModel,
+    add_lora,
+    calibrate_projector,
+    load_projector,
+    save_projector,
+)
 from components.llm.prompts import PromptBuilder
 from components.llm.train import Sample, collate
 from tests.model.llm_fixtures import tiny_model, tiny_titles
@@ -101,3 +108,14 @@ def test_gradients_reach_projector_and_lora_only(parts):
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
     assert all(p.grad.abs().sum() > 0 for p in model.projector.parameters())
+
+
+def test_calibrated_projector_matches_token_embedding_scale(parts):
+    llm, _, table, proj = parts
+    tokens = llm.get_input_embeddings().weight
+    scale = calibrate_projector(proj, table * 50.0, tokens)  # SASRec rows far larger than token embeddings
+    with torch.no_grad():
+        out = proj(table[1:] * 50.0)
+    assert scale < 1.0
+    rms = out.pow(2).mean().sqrt().item()
+    assert rms == pytest.approx(tokens.pow(2).mean().sqrt().item(), rel=1e-4)
