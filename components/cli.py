@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Data versions: list and restore.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+alerts_app = typer.Typer(help="Alerts on the Prefect server (drift, failed retrains).", no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
 
 console = Console(stderr=True)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read", envvar="RSLLM_PARAMS")]
@@ -273,6 +275,39 @@ def gc(
     deleted = registry.gc(Path("."), keep or s.registry.keep_models)
     versioning.run(["dvc", "gc", "--workspace", "--all-tags", "-f", "-q"], Path("."))
     _print_json({"deleted_models": deleted})
+
+
+@app.command()
+@cli_errors
+def drift(
+    path: Annotated[
+        Path | None, typer.Argument(help="a drop (default: the newest in data/incoming, else data/accepted)")
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    reference: str | None = typer.Option(
+        None, help="data/vN or a path (default: drift.reference, else production's data, else data/raw)"
+    ),
+    out: Path = typer.Option(Path("reports/drift"), help="reports/drift/<date>.json + .html"),
+    html: bool = typer.Option(True, help="run Evidently's column tests and write its HTML report"),
+) -> None:
+    """Data drift of a drop against the production model's data; exit 0 whatever the verdict."""
+    from components import drift as d
+
+    result = d.check_drift(_settings(params), Path("."), path, reference, out, html=html)
+    d.print_verdict(result, console)
+    _print_json(d.summary(result))
+
+
+@alerts_app.command("setup")
+@cli_errors
+def alerts_setup(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    webhook_url: str | None = typer.Option(None, help="overrides drift.alerts.webhook_url (or Slack's)"),
+) -> None:
+    """Create or update (by name) the notification block and the automations on the Prefect server."""
+    from components import alerts
+
+    _print_json(alerts.setup(_settings(params).drift, webhook_url))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -238,6 +238,51 @@ class RegistrySettings(_Section):
     keep_checkpoints: int = Field(2, ge=0)
 
 
+class DriftThreshold(_Section):
+    """One drift figure's threshold: max(factor * median, median + margin) of the preceding weeks' values,
+    or `absolute` when too few preceding weeks are usable."""
+
+    factor: float = Field(2.0, ge=1.0)
+    margin: float = Field(0.1, ge=0.0)
+    absolute: float = Field(0.3, gt=0.0)
+
+
+class DriftFigures(_Section):
+    """Thresholds per figure (components/drift.py describes each figure)."""
+
+    # measured on the replayed ml-100k weeks (README, "Drift monitoring and alerts")
+    item_popularity: DriftThreshold = DriftThreshold(factor=2.5, margin=0.3, absolute=0.6)
+    genre_mix: DriftThreshold = DriftThreshold(factor=2.5, margin=0.06, absolute=0.15)
+    rating: DriftThreshold = DriftThreshold(factor=2.5, margin=0.15, absolute=0.2)
+    user_activity: DriftThreshold = DriftThreshold(factor=2.5, margin=0.4, absolute=0.8)
+    time_of_day: DriftThreshold = DriftThreshold(factor=2.0, margin=0.2, absolute=0.5)
+    new_items: DriftThreshold = DriftThreshold(factor=3.0, margin=0.1, absolute=0.2)
+    new_users: DriftThreshold = DriftThreshold(factor=2.0, margin=0.3, absolute=1.0)
+
+
+class AlertSettings(_Section):
+    """Who receives drift and failed-retrain alerts (`rsllm alerts setup` writes them to Prefect)."""
+
+    channel: Literal["webhook", "slack", "email"] = "webhook"
+    block_name: str = Field("rsllm-alerts", pattern=r"^[a-z0-9-]+$", description="Prefect block name")
+    webhook_url: str = "http://127.0.0.1:8787/rsllm-alerts"
+    slack_webhook_url: str = Field("", description="or the RSLLM_SLACK_WEBHOOK_URL environment variable")
+    emails: list[str] = Field(default_factory=list, description="channel email: recipients (SendGrid)")
+    sender_email: str = ""
+
+
+class DriftSettings(_Section):
+    """Drift monitoring (components/drift.py) and its alerts (components/alerts.py)."""
+
+    reference: str | None = Field(None, description="data/vN or a path; default: production's, else data/raw")
+    baseline_weeks: int = Field(8, ge=1, description="preceding windows whose figures set the thresholds")
+    min_baseline_weeks: int = Field(3, ge=1, description="fewer usable windows: absolute thresholds")
+    baseline_min_rows: int = Field(100, ge=1, description="a preceding window with fewer rows is skipped")
+    figures: DriftFigures = DriftFigures()
+    auto_retrain: bool = Field(False, description="a drift event runs the weekly-retrain deployment")
+    alerts: AlertSettings = AlertSettings()
+
+
 class Settings(_Section):
     seed: int = Field(42, ge=0)
     profile: str | None = Field(None, description="active entry of `profiles`, merged over the sections")
@@ -249,6 +294,7 @@ class Settings(_Section):
     llm: LlmSettings = LlmSettings()
     gate: GateSettings = GateSettings()
     registry: RegistrySettings = RegistrySettings()
+    drift: DriftSettings = DriftSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

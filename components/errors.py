@@ -50,3 +50,11 @@ class RegistryError(RsllmError):
 
 class GateRejected(RsllmError):
     """The promotion gate rejected the candidate; the message lists every failed threshold."""
+
+
+class DriftError(RsllmError):
+    """A drift check could not run: unreadable reference or current data, missing production pointer data."""
+
+
+class AlertError(RsllmError):
+    """Alerts could not be set up on the Prefect server (no API URL, missing deployment, bad channel)."""

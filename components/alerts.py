@@ -1,0 +1,149 @@
+"""Alerts a person receives, set up on the Prefect server by name (idempotent): `rsllm alerts setup`.
+
+  block                       a notification block (params drift.alerts.channel): a custom webhook by
+                              default, a Slack incoming webhook, or e-mail through SendGrid
+  rsllm-drift-alert           automation: event `rsllm.data.drift` -> send the notification
+  rsllm-retrain-failed-alert  automation: a run of flow `rsllm` (deployment weekly-retrain) Failed or
+                              Crashed, which includes a candidate the gate rejected -> the same notification
+  rsllm-auto-retrain          automation (only with drift.auto_retrain: true; deleted when false):
+                              event `rsllm.data.drift` -> run deployment `rsllm/weekly-retrain`
+
+Running it again updates everything in place; nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import os
+
+from components.config import AlertSettings, DriftSettings
+from components.errors import AlertError
+
+DRIFT_EVENT = "rsllm.data.drift"
+RETRAIN_FLOW = "rsllm"
+RETRAIN_DEPLOYMENT = "rsllm/weekly-retrain"
+DRIFT_ALERT = "rsllm-drift-alert"
+RETRAIN_FAILED_ALERT = "rsllm-retrain-failed-alert"
+AUTO_RETRAIN = "rsllm-auto-retrain"
+DRIFT_SUBJECT = "RSLLM data drift: {{ event.payload.tripped | join(', ') }}"
+DRIFT_BODY = "{{ event.payload.text }}"
+FAILED_SUBJECT = "RSLLM weekly retrain {{ flow_run.name }}: {{ event.event.split('.')[-1] }}"
+FAILED_BODY = (
+    "Flow run {{ flow_run.name }} of flow rsllm (weekly retrain) ended "
+    "{{ event.event.split('.')[-1] }}: {{ flow_run.state.message }}\n"
+    "A model the gate rejects fails the run on purpose: production is unchanged."
+)
+
+
+def notification_block(cfg: AlertSettings, webhook_url: str | None = None):
+    """The notification block of `cfg.channel` (not saved). Secrets come from the environment:
+    RSLLM_SLACK_WEBHOOK_URL (when drift.alerts.slack_webhook_url is empty), RSLLM_SENDGRID_API_KEY."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock, SendgridEmail, SlackWebhook
+
+    if cfg.channel == "webhook":
+        url = webhook_url or cfg.webhook_url
+        if not url:
+            raise AlertError("params.yaml drift.alerts.webhook_url is empty: set it or pass --webhook-url")
+        return CustomWebhookNotificationBlock(
+            name=cfg.block_name,
+            url=url,
+            json_data={"source": "rsllm-ops", "subject": "{{subject}}", "body": "{{body}}"},
+        )
+    if cfg.channel == "slack":
+        url = webhook_url or cfg.slack_webhook_url or os.environ.get("RSLLM_SLACK_WEBHOOK_URL", "")
+        if not url:
+            raise AlertError(
+                "drift.alerts.channel is slack but no URL: set drift.alerts.slack_webhook_url, "
+                "RSLLM_SLACK_WEBHOOK_URL or --webhook-url"
+            )
+        return SlackWebhook(url=url)
+    key = os.environ.get("RSLLM_SENDGRID_API_KEY", "")
+    if not key or not cfg.emails or not cfg.sender_email:
+        raise AlertError(
+            "drift.alerts.channel is email: set drift.alerts.emails, drift.alerts.sender_email "
+            "and the RSLLM_SENDGRID_API_KEY environment variable"
+        )
+    return SendgridEmail(api_key=key, sender_email=cfg.sender_email, to_emails=list(cfg.emails))
+
+
+def setup(cfg: DriftSettings, webhook_url: str | None = None) -> dict:
+    """Create or update the notification block and the automations on the Prefect server (by name)."""
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import RunDeployment, SendNotification
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise AlertError(
+            "PREFECT_API_URL is not set: start a server (`prefect server start`) and point at it "
+            "(`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+        )
+    block = notification_block(cfg.alerts, webhook_url)
+    try:
+        block_id = block.save(cfg.alerts.block_name, overwrite=True)
+    except Exception as e:  # the server is down or refuses the block
+        raise AlertError(
+            f"cannot save block {cfg.alerts.block_name!r} at {PREFECT_API_URL.value()}: {e}"
+        ) from None
+    notify_drift = SendNotification(block_document_id=block_id, subject=DRIFT_SUBJECT, body=DRIFT_BODY)
+    notify_failed = SendNotification(block_document_id=block_id, subject=FAILED_SUBJECT, body=FAILED_BODY)
+    wanted = {
+        DRIFT_ALERT: Automation(
+            name=DRIFT_ALERT,
+            description="Notify when the drift check finds drift (event rsllm.data.drift).",
+            trigger=EventTrigger(expect={DRIFT_EVENT}, posture=Posture.Reactive, threshold=1),
+            actions=[notify_drift],
+        ),
+        RETRAIN_FAILED_ALERT: Automation(
+            name=RETRAIN_FAILED_ALERT,
+            description="Notify when a run of flow rsllm (weekly-retrain) fails, a gate rejection included.",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": RETRAIN_FLOW},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=[notify_failed],
+        ),
+    }
+    with get_client(sync_client=True) as client:
+        if cfg.auto_retrain:
+            try:
+                deployment = client.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+            except Exception:
+                raise AlertError(
+                    f"drift.auto_retrain is on but deployment {RETRAIN_DEPLOYMENT} is not on the server: "
+                    "deploy it first (`prefect deploy --name weekly-retrain`)"
+                ) from None
+            wanted[AUTO_RETRAIN] = Automation(
+                name=AUTO_RETRAIN,
+                description="Retrain when the drift check finds drift (params.yaml drift.auto_retrain).",
+                trigger=EventTrigger(expect={DRIFT_EVENT}, posture=Posture.Reactive, threshold=1),
+                actions=[RunDeployment(source="selected", deployment_id=deployment.id)],
+            )
+        done = {name: _upsert(client, automation) for name, automation in wanted.items()}
+        if not cfg.auto_retrain:
+            for old in client.read_automations_by_name(AUTO_RETRAIN):
+                client.delete_automation(old.id)
+                done[AUTO_RETRAIN] = {"id": str(old.id), "action": "deleted"}
+    return {
+        "block": {"name": cfg.alerts.block_name, "type": block.get_block_type_slug(), "id": str(block_id)},
+        "automations": done,
+        "auto_retrain": cfg.auto_retrain,
+        "api_url": PREFECT_API_URL.value(),
+    }
+
+
+def _upsert(client, automation) -> dict:
+    """Update the automation of that name (dropping duplicates), or create it."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    existing = client.read_automations_by_name(automation.name)
+    body = AutomationCore(**automation.model_dump(exclude={"id"}))
+    if not existing:
+        return {"id": str(client.create_automation(body)), "action": "created"}
+    keep, *extra = existing
+    for duplicate in extra:
+        client.delete_automation(duplicate.id)
+    client.update_automation(keep.id, body)
+    return {"id": str(keep.id), "action": "updated"}

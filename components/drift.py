@@ -1,0 +1,522 @@
+"""Data drift between the data the production model was trained on (reference) and a new drop (current).
+
+Figures that matter for a sequential recommender, each one number per window of interactions, measured
+against everything before that window:
+
+  item_popularity  normed Wasserstein distance of log(1 + reference popularity) of the items interacted with
+  genre_mix        Jensen-Shannon distance of the genre shares (an item's genres split its interaction)
+  rating           Jensen-Shannon distance of the rating values
+  user_activity    normed Wasserstein distance of log(1 + interactions per user per window)
+  time_of_day      Jensen-Shannon distance of the hour (UTC) of the interactions
+  new_items        share of interactions on items the reference never saw (cold-start items)
+  new_users        share of interactions by users the reference never saw (cold-start users)
+
+Thresholds are relative: the same figures are measured for the `drift.baseline_weeks` windows just before
+the current one (each against the data before it), and a figure drifts when it exceeds
+max(factor * median, median + margin) of those weeks (params.yaml `drift.figures.<name>`). With fewer
+than `drift.min_baseline_weeks` usable weeks the figure's `absolute` threshold applies.
+
+Evidently (its Report + DataDriftPreset) runs the column-level tests of item_popularity, rating and
+time_of_day with the same methods and thresholds, and writes the HTML report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import distance
+from scipy.stats import wasserstein_distance
+
+from components.config import DriftSettings, Settings
+from components.errors import DriftError, RsllmError
+from components.io import atomic_file, write_json_atomic
+from components.sources import canonical_interactions, canonical_items, read_table
+
+PRODUCTION_POINTER = Path("models/registry/production.json")
+RAW = Path("data/raw")
+INCOMING = Path("data/incoming")
+ACCEPTED = Path("data/accepted")
+DROP_SUFFIXES = (".csv", ".parquet")
+DAY = 86400
+UNKNOWN_GENRE = "(unknown)"
+FIGURES: dict[str, str] = {
+    "item_popularity": "normed Wasserstein distance of log(1 + reference popularity) of the items",
+    "genre_mix": "Jensen-Shannon distance of the genre shares",
+    "rating": "Jensen-Shannon distance of the rating values",
+    "user_activity": "normed Wasserstein distance of log(1 + interactions per user per window)",
+    "time_of_day": "Jensen-Shannon distance of the hour of day (UTC)",
+    "new_items": "share of interactions on items the reference never saw",
+    "new_users": "share of interactions by users the reference never saw",
+}
+# figure -> (column in the Evidently datasets, Evidently stat test, column type)
+EVIDENTLY_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "item_popularity": ("item_popularity", "wasserstein", "numerical"),
+    "rating": ("rating", "jensenshannon", "categorical"),
+    "time_of_day": ("hour", "jensenshannon", "categorical"),
+}
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Interactions (canonical columns), the item catalogue that goes with them, and where they came from."""
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame | None
+    source: str
+
+
+# ---------------------------------------------------------------- reference and current
+
+
+def reference_for_production(repo: Path) -> str | None:
+    """The data version the production model was trained on (`data_version` in
+    models/registry/production.json), or None when nothing is in production yet."""
+    path = Path(repo) / PRODUCTION_POINTER
+    if not path.exists():
+        return None
+    try:
+        pointer = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DriftError(f"{path}: not valid JSON ({e})") from None
+    version = pointer.get("data_version") if isinstance(pointer, dict) else None
+    return str(version) if version else None
+
+
+def load_reference(repo: Path, reference: str | Path | None = None) -> Tables:
+    """The reference data: `reference` (a data version `data/vN`, a folder with interactions.parquet and
+    items.parquet, or an interactions file); by default production's data version, else data/raw."""
+    repo = Path(repo)
+    if reference is None:
+        reference = reference_for_production(repo) or RAW
+    ref = str(reference)
+    if re.fullmatch(r"data/v\d+", ref):
+        from components import versioning
+
+        try:
+            inter = pd.read_parquet(
+                io.BytesIO(versioning.read_version_file(repo, ref, "data/raw/interactions.parquet"))
+            )
+            items = pd.read_parquet(
+                io.BytesIO(versioning.read_version_file(repo, ref, "data/raw/items.parquet"))
+            )
+        except RsllmError:
+            raise
+        except Exception as e:  # dvc: missing cache / remote
+            raise DriftError(
+                f"data/raw of data version {ref}: cannot be read ({type(e).__name__}: {e})"
+            ) from None
+        return Tables(_interactions(inter, ref), items, ref)
+    path = Path(reference) if Path(reference).is_absolute() else repo / reference
+    if path.is_dir():
+        inter_path = path / "interactions.parquet"
+        if not inter_path.exists():
+            raise DriftError(f"{inter_path}: reference interactions not found (run `rsllm merge` first)")
+        items_path = path / "items.parquet"
+        items = read_table(items_path) if items_path.exists() else None
+        return Tables(_interactions(read_table(inter_path), inter_path), items, str(reference))
+    if not path.exists():
+        raise DriftError(f"{path}: reference not found")
+    catalogue = repo / RAW / "items.parquet"
+    items = read_table(catalogue) if catalogue.exists() else None
+    return Tables(_interactions(read_table(path), path), items, str(reference))
+
+
+def latest_drop(repo: Path) -> Path | None:
+    """The newest drop waiting in data/incoming, else the newest accepted one (by name), else None."""
+    for folder in (INCOMING, ACCEPTED):
+        drops = sorted(
+            p
+            for p in (Path(repo) / folder).glob("*")
+            if p.is_file() and p.suffix.lower() in DROP_SUFFIXES and not p.stem.endswith(".items")
+        )
+        if drops:
+            return drops[-1]
+    return None
+
+
+def load_current(settings: Settings, path: Path) -> Tables:
+    """A drop (CSV or Parquet interactions) and its optional items file `<stem>.items.csv|parquet`."""
+    files = settings.data.files
+    inter = canonical_interactions(read_table(path), path, files.columns, files.timestamp_unit)
+    items = None
+    for suffix in (".parquet", ".csv"):
+        items_path = path.with_name(f"{path.stem}.items{suffix}")
+        if items_path.exists():
+            items = canonical_items(read_table(items_path), items_path, files.columns, files.genre_separator)
+            break
+    return Tables(_interactions(inter, path), items, str(path))
+
+
+def _interactions(df: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """The four canonical columns with usable values; anything else is a DriftError naming the source."""
+    missing = [c for c in ("user_id", "item_id", "rating", "timestamp") if c not in df.columns]
+    if missing:
+        raise DriftError(f"{source}: missing column(s) {missing}")
+    out = df[["user_id", "item_id", "rating", "timestamp"]].copy()
+    for column in out.columns:
+        if out[column].isna().any():
+            raise DriftError(f"{source}: column {column!r} has missing values")
+    if out.empty:
+        raise DriftError(f"{source}: no interactions")
+    # plain Python strings (object): hashing them is much faster than Arrow-backed strings in isin/map
+    out["user_id"] = out["user_id"].astype(str).astype(object)
+    out["item_id"] = out["item_id"].astype(str).astype(object)
+    out["rating"] = out["rating"].astype("float64")
+    out["timestamp"] = out["timestamp"].astype("int64")
+    return out.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def js_distance(reference: pd.Series, current: pd.Series) -> float:
+    """Jensen-Shannon distance (natural log) of two samples' value shares, as Evidently's categorical test."""
+    ref, cur = reference.value_counts(normalize=True), current.value_counts(normalize=True)
+    keys = ref.index.union(cur.index)
+    return float(distance.jensenshannon(ref.reindex(keys, fill_value=0), cur.reindex(keys, fill_value=0)))
+
+
+def js_weights(reference: pd.Series, current: pd.Series) -> float:
+    """Jensen-Shannon distance of two weight vectors indexed by category."""
+    keys = reference.index.union(current.index)
+    return float(
+        distance.jensenshannon(reference.reindex(keys, fill_value=0), current.reindex(keys, fill_value=0))
+    )
+
+
+def wasserstein_normed(reference: np.ndarray, current: np.ndarray) -> float:
+    """Wasserstein distance divided by the reference's standard deviation, as Evidently's numerical test."""
+    return float(wasserstein_distance(reference, current) / max(float(np.std(reference)), 0.001))
+
+
+def genre_table(items: pd.DataFrame | None) -> pd.DataFrame:
+    """Long table item_id, genre, weight: an item with k genres gives each genre 1/k."""
+    if items is None or not len(items):
+        return pd.DataFrame({"item_id": pd.Series(dtype=str), "genre": pd.Series(dtype=str), "weight": []})
+    cat = items.drop_duplicates("item_id")
+    genres = cat["genres"].astype(str).fillna("").replace("", UNKNOWN_GENRE).str.split("|")
+    long = pd.DataFrame(
+        {"item_id": cat["item_id"].astype(str).to_numpy(dtype=object), "genre": genres.to_numpy(dtype=object)}
+    )
+    long["weight"] = 1.0 / long["genre"].map(len)
+    return long.explode("genre").reset_index(drop=True)
+
+
+def genre_weights(interactions: pd.DataFrame, genres: pd.DataFrame) -> pd.Series:
+    """Interactions per genre (fractional for items with several genres); items without a catalogue row
+    count under '(unknown)'."""
+    counts = interactions["item_id"].value_counts()
+    table = genres.assign(n=genres["item_id"].map(counts).fillna(0.0))
+    weights = (table["weight"] * table["n"]).groupby(table["genre"]).sum()
+    unknown = float(counts[~counts.index.isin(genres["item_id"].to_numpy())].sum())
+    if unknown:
+        weights.loc[UNKNOWN_GENRE] = weights.get(UNKNOWN_GENRE, 0.0) + unknown
+    return weights[weights > 0]
+
+
+def popularity(window: pd.DataFrame, history: pd.DataFrame) -> np.ndarray:
+    """log(1 + the item's interactions in `history`) for every interaction of `window`."""
+    counts = history["item_id"].value_counts()
+    return np.log1p(window["item_id"].map(counts).fillna(0).to_numpy(dtype=float))
+
+
+def hours(interactions: pd.DataFrame) -> pd.Series:
+    """Hour of day (UTC) of every interaction."""
+    return (interactions["timestamp"] % DAY) // 3600
+
+
+def evidently_frame(window: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """The per-interaction columns Evidently tests: item_popularity (numerical), rating and hour
+    (categorical, as text)."""
+    return pd.DataFrame(
+        {
+            "item_popularity": popularity(window, history),
+            "rating": window["rating"].map("{:g}".format).to_numpy(),
+            "hour": hours(window).map("{:02d}".format).to_numpy(),
+        }
+    )
+
+
+def activity(history: pd.DataFrame, start: int, window_s: int) -> np.ndarray:
+    """log(1 + interactions per user per window) of `history`, windows aligned to end at `start`."""
+    bucket = (start - 1 - history["timestamp"]) // window_s
+    counts = history.groupby([history["user_id"], bucket]).size()
+    return np.log1p(counts.to_numpy(dtype=float))
+
+
+def window_figures(
+    window: pd.DataFrame, history: pd.DataFrame, genres: pd.DataFrame, start: int, window_s: int
+) -> dict[str, float]:
+    """Every figure of one window of interactions (starting at `start`) against the interactions before it."""
+    per_user = np.log1p(window.groupby("user_id").size().to_numpy(dtype=float))
+    return {
+        "item_popularity": wasserstein_normed(popularity(history, history), popularity(window, history)),
+        "genre_mix": js_weights(genre_weights(history, genres), genre_weights(window, genres)),
+        "rating": js_distance(history["rating"], window["rating"]),
+        "user_activity": wasserstein_normed(activity(history, start, window_s), per_user),
+        "time_of_day": js_distance(hours(history), hours(window)),
+        "new_items": float((~window["item_id"].isin(history["item_id"].unique())).mean()),
+        "new_users": float((~window["user_id"].isin(history["user_id"].unique())).mean()),
+    }
+
+
+def baseline_figures(
+    reference: pd.DataFrame, genres: pd.DataFrame, anchor: int, cfg: DriftSettings, window_s: int
+) -> list[dict]:
+    """The figures of the windows just before `anchor`, each against the reference data before it."""
+    weeks = []
+    for k in range(1, cfg.baseline_weeks + 1):
+        lo, hi = anchor - k * window_s, anchor - (k - 1) * window_s
+        window = reference[(reference["timestamp"] >= lo) & (reference["timestamp"] < hi)]
+        history = reference[reference["timestamp"] < lo]
+        if len(window) < cfg.baseline_min_rows or len(history) < cfg.baseline_min_rows:
+            continue
+        start = dt.datetime.fromtimestamp(lo, tz=dt.UTC).date().isoformat()
+        weeks.append(
+            {"start": start, "rows": len(window)} | window_figures(window, history, genres, lo, window_s)
+        )
+    return weeks
+
+
+def thresholds(baseline: list[dict], cfg: DriftSettings) -> dict[str, dict]:
+    """Each figure's threshold: max(factor * median, median + margin) of the preceding weeks' values, or
+    the absolute one when fewer than `min_baseline_weeks` weeks are usable."""
+    out = {}
+    for name in FIGURES:
+        t = getattr(cfg.figures, name)
+        if len(baseline) >= cfg.min_baseline_weeks:
+            median = float(np.median([week[name] for week in baseline]))
+            out[name] = {
+                "threshold": max(t.factor * median, median + t.margin),
+                "basis": f"max({t.factor:g} x median, median + {t.margin:g}) of {len(baseline)} weeks before",
+                "baseline_median": median,
+            }
+        else:
+            out[name] = {
+                "threshold": t.absolute,
+                "basis": f"absolute (only {len(baseline)} preceding weeks usable, "
+                f"drift.min_baseline_weeks={cfg.min_baseline_weeks})",
+                "baseline_median": None,
+            }
+    return out
+
+
+def exclude(reference: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
+    """The reference without the current rows (a drop merged into data/raw is not its own reference)."""
+    keys = ["user_id", "item_id", "timestamp"]
+    seen = pd.MultiIndex.from_frame(reference[keys]).isin(pd.MultiIndex.from_frame(current[keys]))
+    return reference[~seen].reset_index(drop=True)
+
+
+def measure(reference: Tables, current: Tables, cfg: DriftSettings, window_days: int) -> dict:
+    """Every figure of `current` against `reference`, its threshold from the preceding weeks, the verdict."""
+    ref = exclude(reference.interactions, current.interactions)
+    if ref.empty:
+        raise DriftError(f"{reference.source}: no reference interactions left besides the current ones")
+    items = _catalogue(reference.items, current.items)
+    genres = genre_table(items)
+    window_s = window_days * DAY
+    start = int(current.interactions["timestamp"].min()) // DAY * DAY
+    anchor = min(start, int(ref["timestamp"].max()) // DAY * DAY + DAY)
+    baseline = baseline_figures(ref, genres, anchor, cfg, window_s)
+    values = window_figures(current.interactions, ref, genres, start, window_s)
+    limits = thresholds(baseline, cfg)
+    figures = {
+        name: {
+            "value": values[name],
+            "drift": bool(values[name] > limits[name]["threshold"]),
+            "description": FIGURES[name],
+        }
+        | limits[name]
+        for name in FIGURES
+    }
+    tripped = [name for name, f in figures.items() if f["drift"]]
+    return {
+        "drift": bool(tripped),
+        "tripped": tripped,
+        "date": dt.datetime.fromtimestamp(start, tz=dt.UTC).date().isoformat(),
+        "reference": _describe(reference.source, ref),
+        "current": _describe(current.source, current.interactions),
+        "figures": figures,
+        "baseline_weeks": baseline,
+    }
+
+
+def _catalogue(reference: pd.DataFrame | None, current: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The reference catalogue plus the drop's new items."""
+    frames = [
+        f[["item_id", "genres"]].astype({"item_id": str}) for f in (reference, current) if f is not None
+    ]
+    return pd.concat(frames, ignore_index=True).drop_duplicates("item_id") if frames else None
+
+
+def _describe(source: str, interactions: pd.DataFrame) -> dict:
+    first, last = interactions["timestamp"].min(), interactions["timestamp"].max()
+    return {
+        "source": source,
+        "rows": len(interactions),
+        "users": int(interactions["user_id"].nunique()),
+        "items": int(interactions["item_id"].nunique()),
+        "first": dt.datetime.fromtimestamp(int(first), tz=dt.UTC).isoformat(timespec="seconds"),
+        "last": dt.datetime.fromtimestamp(int(last), tz=dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------- Evidently
+
+
+def import_evidently():
+    """Import evidently 0.7, first restoring the one pandas helper its legacy test module still imports
+    (`infer_dtype_from_object`, gone in pandas 3; only its column-type test calls it, never this module)."""
+    import pandas.core.dtypes.common as common
+
+    if not hasattr(common, "infer_dtype_from_object"):
+        common.infer_dtype_from_object = lambda dtype: pd.api.types.pandas_dtype(dtype).type
+    import evidently
+
+    return evidently
+
+
+def evidently_tests(
+    reference: pd.DataFrame, current: pd.DataFrame, limits: dict[str, float]
+) -> tuple[str, dict]:
+    """Run Evidently's DataDriftPreset on the per-interaction columns with our methods and thresholds.
+
+    Returns the HTML report and, per figure, Evidently's drift score and test verdict.
+    """
+    import_evidently()
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    columns = {figure: spec[0] for figure, spec in EVIDENTLY_COLUMNS.items()}
+    definition = DataDefinition(
+        numerical_columns=[c for c, _, kind in EVIDENTLY_COLUMNS.values() if kind == "numerical"],
+        categorical_columns=[c for c, _, kind in EVIDENTLY_COLUMNS.values() if kind == "categorical"],
+    )
+    preset = DataDriftPreset(
+        columns=list(columns.values()),
+        per_column_method={column: method for column, method, _ in EVIDENTLY_COLUMNS.values()},
+        per_column_threshold={columns[figure]: limits[figure] for figure in columns},
+    )
+    snapshot = Report([preset], include_tests=True).run(
+        Dataset.from_pandas(current, data_definition=definition),
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
+    result = snapshot.dict()
+    scores = {
+        m["config"]["column"]: float(m["value"])
+        for m in result["metrics"]
+        if m["config"].get("type", "").endswith("ValueDrift")
+    }
+    failed = {
+        t["metric_config"]["params"].get("column"): t["status"] != "SUCCESS"
+        for t in result["tests"]
+        if t["metric_config"]["params"].get("type", "").endswith("ValueDrift")
+    }
+    per_figure = {
+        figure: {"value": scores.get(column), "drift": failed.get(column)}
+        for figure, column in columns.items()
+    }
+    return snapshot.get_html_str(as_iframe=False), per_figure
+
+
+# ---------------------------------------------------------------- the check
+
+
+def check_drift(
+    settings: Settings,
+    repo: Path = Path("."),
+    current: Path | None = None,
+    reference: str | None = None,
+    out_dir: Path = Path("reports/drift"),
+    html: bool = True,
+) -> dict:
+    """Compare `current` (default: the newest drop) with `reference` (default: drift.reference, else the
+    production model's data version, else data/raw); write reports/drift/<date>.json (+ .html)."""
+    repo = Path(repo)
+    cfg = settings.drift
+    path = current if current is not None else latest_drop(repo)
+    if path is None:
+        raise DriftError(f"no drop in {repo / INCOMING} or {repo / ACCEPTED}: pass the file to check")
+    path = path if path.is_absolute() or current is not None else repo / path
+    cur = load_current(settings, path)
+    production = reference_for_production(repo)
+    ref = load_reference(repo, reference or cfg.reference or production)
+    result = measure(ref, cur, cfg, settings.data.replay_days)
+    result["current"]["sha256"] = _sha256(path)
+    result["reference"]["production_data_version"] = production
+    out_dir = out_dir if out_dir.is_absolute() else repo / out_dir
+    stem = out_dir / result["date"]
+    if html:
+        ref_frame = exclude(ref.interactions, cur.interactions)
+        limits = {name: f["threshold"] for name, f in result["figures"].items()}
+        page, per_figure = evidently_tests(
+            evidently_frame(ref_frame, ref_frame), evidently_frame(cur.interactions, ref_frame), limits
+        )
+        for figure, ev in per_figure.items():
+            result["figures"][figure]["evidently"] = ev
+        with atomic_file(stem.with_suffix(".html"), "w") as fh:
+            fh.write(page)
+        result["html"] = str(stem.with_suffix(".html"))
+    result["json"] = str(stem.with_suffix(".json"))
+    write_json_atomic(stem.with_suffix(".json"), result)
+    return result
+
+
+def summary(result: dict) -> dict:
+    """The short machine-readable verdict: drift, the figures (value, threshold) and where the report is."""
+    return {
+        "drift": result["drift"],
+        "tripped": result["tripped"],
+        "date": result["date"],
+        "current": result["current"]["source"],
+        "reference": result["reference"]["source"],
+        "figures": {
+            name: {"value": round(f["value"], 4), "threshold": round(f["threshold"], 4), "drift": f["drift"]}
+            for name, f in result["figures"].items()
+        },
+        "report": result["json"],
+        "html": result.get("html"),
+    }
+
+
+def print_verdict(result: dict, console=None) -> None:
+    """A readable verdict: one line, then a table of every figure against its threshold."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    cur, ref = result["current"], result["reference"]
+    if result["drift"]:
+        console.print(f"[bold red]DRIFT[/] in {', '.join(result['tripped'])}", highlight=False)
+    else:
+        console.print("[bold green]no drift[/]", highlight=False)
+    console.print(
+        f"current {cur['source']} ({cur['rows']} interactions, {cur['users']} users) vs reference "
+        f"{ref['source']} ({ref['rows']} interactions)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    table = Table(show_edge=False)
+    for column in ("figure", "value", "threshold", "verdict", "basis"):
+        table.add_column(column)
+    for name, f in result["figures"].items():
+        verdict = "[red]drift[/]" if f["drift"] else "[green]ok[/]"
+        table.add_row(name, f"{f['value']:.3f}", f"{f['threshold']:.3f}", verdict, f["basis"])
+    console.print(table)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
