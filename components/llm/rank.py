@@ -165,7 +165,7 @@ def map_to_candidate(text: str, candidates: Sequence[int], titles: Sequence[str]
 # ------------------------------------------------------------------------------------------- loading
 
 
-def load_ranker(base_dir: Path, stage_dir: Path | None = None, device: str = "cpu"):
+def load_ranker(base_dir: Path, stage_dir: Path | None = None, device: str = "auto"):
     """The base LLM (zero-shot, text-only) or a trained stage, LoRA merged for inference.
 
     Returns (model, tokenizer, config): config has mode ("text" | "unified"), history_len,
@@ -176,6 +176,8 @@ def load_ranker(base_dir: Path, stage_dir: Path | None = None, device: str = "cp
     from components.llm.base import load_base
     from components.llm.model import load_lora, load_projector
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     base, tok = load_base(base_dir, dtype=dtype)
     cfg = {"mode": "text", "history_len": None, "max_prompt_tokens": None, "n_id_items": 0, "stage": 0}
@@ -268,7 +270,7 @@ def evaluate_split(
     generation_users: int = 0,
     batch_users: int = 1,
     max_new_tokens: int = 32,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Per-user ranking (and generation for the first `generation_users`) of one LLM on valid/test.
