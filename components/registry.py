@@ -159,6 +159,11 @@ def _list(name: str) -> list:
         return []
 
 
+def get_model(tag: str):
+    """A stored model by tag; RegistryError naming the store when it is not there."""
+    return _get(tag)
+
+
 def _get(tag: str):
     try:
         return bentoml.models.get(tag)
