@@ -139,11 +139,14 @@ def _upsert(client, automation) -> dict:
     from prefect.events.schemas.automations import AutomationCore
 
     existing = client.read_automations_by_name(automation.name)
-    body = AutomationCore(**automation.model_dump(exclude={"id"}))
     if not existing:
+        body = AutomationCore(**automation.model_dump(exclude={"id"}))
         return {"id": str(client.create_automation(body)), "action": "created"}
     keep, *extra = existing
     for duplicate in extra:
         client.delete_automation(duplicate.id)
-    client.update_automation(keep.id, body)
+    # the update endpoint refuses owner_resource (as prefect.automations.Automation.update leaves it out)
+    client.update_automation(
+        keep.id, AutomationCore(**automation.model_dump(exclude={"id", "owner_resource"}))
+    )
     return {"id": str(keep.id), "action": "updated"}
