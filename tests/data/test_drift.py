@@ -203,3 +203,23 @@ def test_cli_unreadable_input_is_an_error_naming_the_file(tmp_path):
     proc = rsllm(["drift", str(bad), "--no-html"], project, check=False)
     assert proc.returncode == 1
     assert "drop.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_reference_is_the_data_version_production_was_trained_on(project):
+    """After a version data/v1 is recorded and production points at it, a later drop is compared with
+    data/raw as of data/v1 (read through dvc.api), not with today's data/raw."""
+    rsllm(["replay-week"], project)
+    first = json.loads(rsllm(["ingest"], project).stdout.splitlines()[-1])
+    assert first["version"]["version"] == "data/v1"
+    pointer = project / drift.PRODUCTION_POINTER
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps({"data_version": "data/v1", "model_version": "rsllm:test"}))
+    rsllm(["replay-week"], project)
+    raw = project / "data/raw/interactions.parquet"  # today's data/raw differs from data/v1's
+    pd.read_parquet(raw).head(500).to_parquet(raw, index=False)
+    verdict = json.loads(rsllm(["drift", "--no-html"], project).stdout.splitlines()[-1])
+    assert verdict["reference"] == "data/v1"
+    report = json.loads((project / verdict["report"]).read_text())
+    assert report["reference"]["rows"] == first["version"]["rows"]
+    assert report["reference"]["production_data_version"] == "data/v1"
