@@ -120,6 +120,37 @@ def prepare(
     _print_json(p.prepare(raw, out, metrics, s.prepare, s.seed))
 
 
+@app.command("train-sasrec")
+@cli_errors
+def train_sasrec(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    prepared: Path = typer.Option(Path("data/prepared")),
+    out: Path = typer.Option(Path("models/sasrec"), help="model.safetensors + config.json + items.json"),
+    metrics: Path = typer.Option(Path("metrics/sasrec.json")),
+    plots: Path = typer.Option(Path("metrics/sasrec_curve.json"), help="loss and valid NDCG@10 per epoch"),
+    log: bool = typer.Option(False, "--log", help="print one line per epoch"),
+) -> None:
+    """Train SASRec on data/prepared (early stop on valid NDCG@10); metrics: full ranking + candidates."""
+    from components import recommender
+
+    s = _settings(params)
+    _print_json(recommender.train_sasrec(prepared, out, metrics, plots, s.sasrec, s.seed, log=log))
+
+
+@app.command("export-onnx")
+@cli_errors
+def export_onnx(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    model: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder"),
+    prepared: Path = typer.Option(Path("data/prepared"), help="real test histories for the parity check"),
+    out: Path = typer.Option(Path("models/onnx"), help="encoder.onnx + items.json + meta.json"),
+) -> None:
+    """Export the SASRec ID encoder to ONNX; parity with torch within export.parity_tolerance."""
+    from components import export
+
+    _print_json(export.export_onnx(model, prepared, out, _settings(params).export))
+
+
 @app.command("replay-week")
 @cli_errors
 def replay_week(
@@ -222,6 +253,50 @@ def train_llm(
     )
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`: one summary, from rank 0
         _print_json(summary)
+
+
+@app.command("export-projected")
+@cli_errors
+def export_projected(
+    stage2: Path = typer.Option(Path("models/llm/stage2"), help="stage 2's output (projector + item table)"),
+    out: Path = typer.Option(Path("models/projected/items.safetensors")),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """projector(item embedding) for every item as a safetensors table (parity-checked) for serving."""
+    from components.llm.model import export_projected as run_export
+
+    _print_json(run_export(stage2, out, _settings(params).export.parity_tolerance))
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    prepared: Path = typer.Option(Path("data/prepared")),
+    sasrec: Path = typer.Option(Path("models/sasrec")),
+    base_dir: Path = typer.Option(Path("models/base"), "--base"),
+    stage1: Path = typer.Option(Path("models/llm/stage1")),
+    stage2: Path = typer.Option(Path("models/llm/stage2")),
+    metrics: Path = typer.Option(Path("metrics/eval.json")),
+    reports: Path = typer.Option(Path("reports/eval")),
+) -> None:
+    """Score SASRec, the base LLM, stage 1 and stage 2 on the identical 20-candidate test sets."""
+    from components import evaluate as ev
+
+    s = _settings(params)
+    result = ev.evaluate(
+        s,
+        prepared,
+        sasrec,
+        base_dir,
+        {"stage1": stage1, "stage2": stage2},
+        metrics,
+        reports,
+        device=s.llm.device,
+        progress=sys.stderr.isatty(),
+    )
+    console.print(ev.comparison_markdown(result, result.get("stage2_vs_sasrec")), highlight=False)
+    _print_json(result)
 
 
 @app.command()

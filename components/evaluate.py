@@ -76,7 +76,7 @@ def score_llm(
     stage_dir: Path | None,
     prepared: Path,
     settings: Settings,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = False,
 ) -> pd.DataFrame:
     """An LLM's per-user ranks (block-mask scoring) and generation validity on the evaluated users."""
@@ -209,7 +209,7 @@ def evaluate(
     stage_dirs: dict[str, Path],
     metrics_path: Path,
     reports: Path,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = False,
 ) -> dict:
     """dvc stage `evaluate`: score SASRec, the base LLM and each stage; write metrics and reports."""
@@ -241,7 +241,7 @@ def score_model_dirs(
     stage_dir: Path,
     name: str,
     out_path: Path,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """Score one stored model (e.g. production) on the current candidate sets; write its block."""
     frame = score_llm(name, base_dir, stage_dir, prepared, settings, device)
