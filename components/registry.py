@@ -178,4 +178,14 @@ def bentoml_home() -> str:
 
 
 def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
+    """JSON-safe metadata without None values (BentoML accepts only basic types)."""
+    plain = json.loads(json.dumps(obj, default=str))
+
+    def drop_none(x):
+        if isinstance(x, dict):
+            return {k: drop_none(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return [drop_none(v) for v in x if v is not None]
+        return x
+
+    return drop_none(plain)

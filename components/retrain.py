@@ -6,6 +6,7 @@ Paths of the stage outputs live in OUTPUTS (the same paths dvc.yaml declares).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +18,8 @@ from components import gate as gate_lib
 from components import registry
 from components.config import load_settings
 from components.errors import RsllmError
+
+log = logging.getLogger(__name__)
 
 OUTPUTS = {
     "prepared": Path("data/prepared"),
@@ -42,6 +45,22 @@ def current_data_version(repo: Path) -> str | None:
         if proc.returncode == 0:
             return tag
     return None
+
+
+def ensure_data_version(repo: Path) -> str | None:
+    """The current data version; when there is none yet (first run), record the snapshot as one.
+
+    Refused (logged, None returned) when the checkout has uncommitted pipeline edits.
+    """
+    from components.versioning import record_version
+
+    version = current_data_version(repo)
+    if version is None:
+        try:
+            version = record_version(repo, note="initial snapshot")["version"]
+        except RsllmError as e:
+            log.warning("the snapshot was not recorded as a data version: %s", e)
+    return version
 
 
 def git_commit(repo: Path) -> str | None:

@@ -85,6 +85,12 @@ def gate(repo: str) -> dict:
     return retrain.run_gate(Path(repo))
 
 
+@task(name="version-snapshot")
+def version_snapshot(repo: str) -> str | None:
+    """The data version the candidate was trained on; the first run records the initial snapshot."""
+    return retrain.ensure_data_version(Path(repo))
+
+
 @task(name="promote")
 def promote(repo: str) -> dict:
     """Package the candidate into the BentoML store and move the production pointer."""
@@ -120,6 +126,7 @@ def weekly_retrain(profile: str | None = None, force: bool = False, repo: str = 
         raise GateRejected(
             "gate rejected the candidate; production unchanged: " + "; ".join(decision["failed"])
         )
+    version_snapshot(repo)
     promoted = promote(repo)
     log.info("promoted %s", promoted["model_tag"])
     return {

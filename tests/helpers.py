@@ -122,3 +122,35 @@ def tree_digest(*folders: Path) -> dict[str, str]:
             if p.is_file():
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def save_tiny_base(dest: Path, texts: list[str]) -> Path:
+    """A tiny random Llama + in-memory tokenizer saved as a Hugging Face folder (llm.base.local_dir)."""
+    from components.llm.base import tiny_llama
+
+    model, tok = tiny_llama(texts)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+TINY_STAGE = {"samples": 8, "epochs": 1, "batch_size": 4, "lr": 0.001, "warmup_steps": 0,
+              "max_prompt_tokens": 512, "checkpoint_every": 1, "log_every": 1}
+
+
+def tiny_params(root: Path) -> dict:
+    """Params for a whole-graph run in seconds: synthetic data, a tiny SASRec, a tiny random Llama,
+    and a gate that a working pipeline passes (ValidRatio 1.0 in ranking mode)."""
+    params = synthetic_params(root / "source")
+    titles = pd.read_csv(params["data"]["files"]["items"])["title"].tolist()
+    base = save_tiny_base(root / "tiny-base", [f"This user has watched {t}. Candidates: {t}. Answer: {t}"
+                                                for t in titles])
+    return deep_merge(params, {
+        "sasrec": {"hidden": 16, "layers": 1, "heads": 1, "inner": 32, "max_len": 20, "batch_size": 32,
+                   "max_epochs": 3, "patience": 2, "train_stride": 10},
+        "export": {"parity_users": 16},
+        "llm": {"base": {"source": "local", "local_dir": str(base)}, "lora": {"r": 4, "alpha": 8},
+                "projector_hidden": 16, "stage1": TINY_STAGE, "stage2": TINY_STAGE,
+                "eval_users": 6, "generation_users": 2, "max_new_tokens": 6},
+        "gate": {"min": {"valid_ratio": 1.0}, "tolerance": {"hr@1": 1.0}},
+    })
