@@ -16,11 +16,10 @@ $(STAMP): pyproject.toml
 # Subprocesses (dvc stages, tests) find `rsllm` and `dvc` in the venv.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
+# The whole weekly retrain once, on the embedded defaults (demo profile), in Prefect's ephemeral mode.
 demo: install
 	mkdir -p data/accepted
-	dvc repro prepare
-	dvc metrics show metrics/data.json
-	@echo "data/prepared/:" && ls -l data/prepared
+	$(BIN)/python -m flows.retrain --profile demo
 
 test: install
 	$(BIN)/python -m pytest -q

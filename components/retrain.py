@@ -213,3 +213,20 @@ def report_markdown(repo: Path, timings: list[dict], intake: dict) -> str:
         )
         + "\n"
     )
+
+
+def summary_text(repo: Path) -> str:
+    """The comparison table and the gate's decision, for a terminal (make demo)."""
+    parts = []
+    table = repo / "reports/eval/comparison.md"
+    if table.exists():
+        parts += ["Comparison on the same 20-candidate test sets:", table.read_text()]
+    gate_path = repo / OUTPUTS["gate"]
+    if gate_path.exists():
+        gate = json.loads(gate_path.read_text())
+        parts.append(f"Gate: {'PASSED' if gate['passed'] else 'REJECTED'}")
+        parts += [f"  {r}" for r in gate["reasons"]]
+    pointer = registry.read_production(repo)
+    if pointer:
+        parts.append(f"Production: {pointer['model_tag']} (data {pointer.get('data_version')})")
+    return "\n".join(parts)

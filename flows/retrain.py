@@ -144,7 +144,9 @@ def main() -> None:
     try:
         result = weekly_retrain(profile=args.profile, force=args.force)
     except RsllmError as e:
+        print(retrain.summary_text(Path(".")))
         raise SystemExit(f"{type(e).__name__}: {e}") from None
+    print(retrain.summary_text(Path(".")))
     print(json.dumps(result if isinstance(result, dict) else {"state": str(result)}, default=str))
 
 
