@@ -58,3 +58,14 @@ class DriftError(RsllmError):
 
 class AlertError(RsllmError):
     """Alerts could not be set up on the Prefect server (no API URL, missing deployment, bad channel)."""
+
+
+class RequestError(RsllmError):
+    """A service request is well-formed JSON but asks for something impossible (unknown item ids,
+    duplicate candidates); names the request field and the offending values."""
+
+    def __init__(self, field: str, message: str, values: list | None = None, status: int = 400):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.values = values or []
+        self.status = status
