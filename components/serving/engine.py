@@ -1,0 +1,295 @@
+"""What the service computes, without BentoML: load one stored model folder, retrieve, rerank.
+
+Index space: 1..N are the model's items (item_idx of items.parquet, rows of the ONNX item table and of the
+LLM's ID-embedding table); N+1..N+C are catalogue items the model has never seen (cold: title only).
+
+- retrieval: ONNX encoder -> user vector; scores = user_vector @ item_table.T over items 1..N with the
+  history masked out. A history with no item known to the encoder falls back to popularity (how often
+  an item appears in the sample users' histories and targets, i.e. the prepared test split).
+- rerank:    the LLM scores each candidate title after the unified prompt (components.llm.rank.score_block;
+  cold history items are rendered by title alone), highest mean log-probability first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.errors import ModelError, RequestError
+
+ONNX_DIR, LLM_DIR = "onnx", "llm"
+
+
+@dataclass
+class Catalogue:
+    """Every servable item: ids[i], titles[i] for index i (0 = padding); `n_known` encoder items first."""
+
+    ids: list[str]
+    titles: list[str]
+    years: list[int | None]
+    genres: list[str]
+    n_known: int
+    index: dict[str, int]
+
+    @classmethod
+    def load(cls, model_dir: Path) -> Catalogue:
+        items_path = model_dir / "items.parquet"
+        if not items_path.exists():
+            raise ModelError(f"{items_path}: not found (the stored model lacks its item mapping)")
+        items = pd.read_parquet(items_path).sort_values("item_idx")
+        n = len(items)
+        if not np.array_equal(items["item_idx"].to_numpy(), np.arange(1, n + 1)):
+            raise ModelError(f"{items_path}: item_idx must be exactly 1..{n}")
+        frames = [items.drop(columns=["item_idx"])]
+        cat_path = model_dir / "catalogue.parquet"
+        if cat_path.exists():
+            cat = pd.read_parquet(cat_path)
+            cat = cat[~cat["item_id"].astype(str).isin(set(items["item_id"].astype(str)))]
+            frames.append(cat.sort_values("item_id", key=lambda s: s.astype(str)))
+        allrows = pd.concat(frames, ignore_index=True)
+        ids = [""] + allrows["item_id"].astype(str).tolist()
+        titles = [""] + allrows["title"].astype(str).str.strip().tolist()
+        years = [None] + [
+            None if pd.isna(y) else _int_or_none(y) for y in allrows.get("year", [None] * len(allrows))
+        ]
+        genres = [""] + [
+            str(g) if isinstance(g, str) else "" for g in allrows.get("genres", [""] * len(allrows))
+        ]
+        return cls(ids, titles, years, genres, n, {item_id: i for i, item_id in enumerate(ids) if i})
+
+    def __len__(self) -> int:
+        return len(self.ids) - 1
+
+    def lookup(self, field: str, item_ids: list[str]) -> list[int]:
+        """Indexes of `item_ids`; RequestError naming the field and every id not in the catalogue."""
+        unknown = [i for i in dict.fromkeys(item_ids) if i not in self.index]
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            raise RequestError(field, f"{len(unknown)} item id(s) not in the catalogue: {shown}", unknown)
+        return [self.index[i] for i in item_ids]
+
+    def item(self, idx: int) -> dict:
+        return {
+            "item_id": self.ids[idx],
+            "title": self.titles[idx],
+            "year": self.years[idx],
+            "genres": self.genres[idx],
+            "known_to_encoder": idx <= self.n_known,
+        }
+
+    def search(self, query: str, limit: int, popularity: np.ndarray) -> list[int]:
+        """Items whose title contains `query` (case-insensitive), most popular first, then by title."""
+        q = query.casefold().strip()
+        hits = [i for i in range(1, len(self.ids)) if q in self.titles[i].casefold()]
+        pop = lambda i: float(popularity[i]) if i < len(popularity) else 0.0  # noqa: E731
+        hits.sort(key=lambda i: (-pop(i), self.titles[i].casefold(), i))
+        return hits[:limit]
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Encoder:
+    """The ONNX ID encoder and its item table, read once; top-k over the whole table in numpy."""
+
+    def __init__(self, onnx_dir: Path, n_items: int, threads: int = 1):
+        from components.export import INPUT, make_session, onnx_providers
+
+        meta_path = onnx_dir / "meta.json"
+        if not meta_path.exists():
+            raise ModelError(f"{meta_path}: not found (the stored model lacks its ONNX encoder)")
+        meta = json.loads(meta_path.read_text())
+        self.max_len = int(meta["input"]["max_length"])
+        self.input = INPUT
+        self.session = make_session(onnx_dir / "encoder.onnx", threads, onnx_providers())
+        self.providers = self.session.get_providers()
+        _, table = self.session.run(["user_vector", "item_embeddings"], {INPUT: np.ones((1, 1), np.int64)})
+        if table.shape[0] != n_items + 1:
+            raise ModelError(
+                f"{onnx_dir}: item table has {table.shape[0] - 1} items, items.parquet {n_items}"
+            )
+        self.table_t = np.ascontiguousarray(table.T, dtype=np.float32)  # [D, N+1]
+
+    def scores(self, history: list[int]) -> np.ndarray:
+        """Scores [N+1] of every item for one history of known items (oldest first)."""
+        tail = np.asarray(history[-self.max_len :], dtype=np.int64)[None, :]
+        (user,) = self.session.run(["user_vector"], {self.input: tail})
+        return user[0] @ self.table_t
+
+
+def top_k(scores: np.ndarray, exclude: set[int], k: int) -> list[int]:
+    """Indexes of the k best scores, skipping column 0 (padding) and `exclude`; ties by lower index."""
+    s = scores.astype(np.float64, copy=True)
+    s[0] = -np.inf
+    for i in exclude:
+        if i < len(s):
+            s[i] = -np.inf
+    k = min(k, int(np.isfinite(s).sum()))
+    if k <= 0:
+        return []
+    part = np.argpartition(-s, k - 1)[:k]
+    return sorted(part.tolist(), key=lambda i: (-s[i], i))
+
+
+def popularity(sample_users: Path, size: int) -> np.ndarray:
+    """How often each index 1..size-1 appears in the sample users' histories and targets."""
+    counts = np.zeros(size, dtype=np.float64)
+    if not sample_users.exists():
+        return counts
+    df = pd.read_parquet(sample_users, columns=["history", "target"])
+    flat = np.concatenate(
+        [
+            np.concatenate([np.asarray(h, np.int64) for h in df["history"]] or [[]]),
+            df["target"].to_numpy(np.int64),
+        ]
+    ).astype(np.int64)
+    flat = flat[(flat > 0) & (flat < size)]
+    np.add.at(counts, flat, 1.0)
+    return counts
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AMX or AVX512-BF16): bf16 is then ~5x faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def llm_dtype(requested: str, device: str) -> str:
+    """auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (RSLLM_LLM_DTYPE overrides)."""
+    if requested not in ("auto", "float32", "bfloat16"):
+        raise ModelError(f"RSLLM_LLM_DTYPE: {requested!r} is not one of auto, float32, bfloat16")
+    if requested != "auto":
+        return requested
+    return "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
+
+
+class Reranker:
+    """The LLM (base + merged LoRA + projector) and its prompt builder over the whole catalogue."""
+
+    def __init__(
+        self, base_dir: Path, stage_dir: Path, catalogue: Catalogue, device: str = "auto", dtype: str = "auto"
+    ):
+        from components.llm.prompts import PromptBuilder
+        from components.llm.rank import load_ranker
+
+        self.model, self.tok, cfg = load_ranker(base_dir, stage_dir, device)
+        self.dtype = llm_dtype(dtype, str(self.model.item_table.device))
+        self.model.to(getattr(torch, self.dtype))
+        if cfg["n_id_items"] > catalogue.n_known:
+            raise ModelError(
+                f"{stage_dir}: LLM has {cfg['n_id_items']} ID items, items.parquet {catalogue.n_known}"
+            )
+        self.history_len = int(cfg["history_len"] or 10)
+        self.mode = cfg["mode"]
+        self.device = str(self.model.item_table.device)
+        self.builder = PromptBuilder(
+            self.tok,
+            catalogue.titles,
+            unified=cfg["mode"] == "unified",
+            n_id_items=cfg["n_id_items"],
+            max_prompt_tokens=cfg["max_prompt_tokens"],
+        )
+
+    def job(self, history: list[int], candidates: list[int]) -> tuple:
+        """The prompt and answers of one request (cheap; built before queueing)."""
+        prompt = self.builder.prompt(history[-self.history_len :], candidates)
+        return prompt, [self.builder.answer_ids(c) for c in candidates]
+
+    def score_jobs(self, jobs: list[tuple]) -> list[list[float]]:
+        """One batched forward for several requests -> each request's candidate scores."""
+        from components.llm.rank import score_block
+
+        scores = score_block(self.model, [j[0] for j in jobs], [j[1] for j in jobs])
+        return [scores[b, : len(j[1])].tolist() for b, j in enumerate(jobs)]
+
+
+class Engine:
+    """Everything one stored model serves; loaded once at startup, read-only afterwards."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        base_dir: Path,
+        info: dict,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        onnx_threads: int = 1,
+    ):
+        model_dir, base_dir = Path(model_dir), Path(base_dir)
+        t0 = time.perf_counter()
+        self.info = info
+        self.catalogue = Catalogue.load(model_dir)
+        self.encoder = Encoder(model_dir / ONNX_DIR, self.catalogue.n_known, onnx_threads)
+        self.reranker = Reranker(base_dir, model_dir / LLM_DIR, self.catalogue, device, dtype)
+        self.popularity = popularity(model_dir / "sample_users.parquet", len(self.catalogue.ids))
+        self.sample_users = _read_sample_users(model_dir / "sample_users.parquet")
+        self.load_seconds = round(time.perf_counter() - t0, 2)
+
+    # -------------------------------------------------------------------------------- requests
+
+    def parse_history(self, history: list[str]) -> tuple[list[int], list[str]]:
+        """Indexes of the history (4xx naming unknown ids) and the ids the encoder does not know."""
+        idx = self.catalogue.lookup("history", history)
+        cold = [self.catalogue.ids[i] for i in dict.fromkeys(i for i in idx if i > self.catalogue.n_known)]
+        return idx, cold
+
+    def retrieve(self, idx: list[int], n: int) -> tuple[list[int], list[float], str]:
+        """The top n items (indexes, scores) by the encoder, or by popularity for an all-cold history."""
+        known = [i for i in idx if i <= self.catalogue.n_known]
+        exclude = set(idx)
+        if known:
+            scores = self.encoder.scores(known)
+            how = "encoder"
+        else:
+            scores = self.popularity[: self.catalogue.n_known + 1]
+            how = "popularity"
+        top = top_k(scores, exclude, n)
+        return top, [float(scores[i]) for i in top], how
+
+    def parse_candidates(self, candidates: list[str]) -> list[int]:
+        dupes = [c for c in dict.fromkeys(candidates) if candidates.count(c) > 1]
+        if dupes:
+            raise RequestError("candidates", f"duplicate item id(s): {', '.join(map(repr, dupes))}", dupes)
+        return self.catalogue.lookup("candidates", candidates)
+
+    def rank(self, cands: list[int], scores: list[float]) -> list[tuple[int, float]]:
+        """Candidates by score, best first (stable: ties keep the given order)."""
+        order = sorted(range(len(cands)), key=lambda j: -scores[j])
+        return [(cands[j], float(scores[j])) for j in order]
+
+    def items(self, ranked: list[tuple[int, float]]) -> list[dict]:
+        c = self.catalogue
+        return [{"item_id": c.ids[i], "title": c.titles[i], "score": round(s, 6)} for i, s in ranked]
+
+    def metadata(self) -> dict:
+        return {
+            **self.info,
+            "items_known_to_encoder": self.catalogue.n_known,
+            "catalogue_items": len(self.catalogue),
+            "llm_mode": self.reranker.mode,
+            "llm_device": self.reranker.device,
+            "llm_dtype": self.reranker.dtype,
+            "history_len": self.reranker.history_len,
+            "onnx_providers": self.encoder.providers,
+            "load_seconds": self.load_seconds,
+        }
+
+
+def _read_sample_users(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame({"user_idx": [], "history": [], "target": []})
+    return pd.read_parquet(path, columns=["user_idx", "history", "target"]).sort_values("user_idx")
