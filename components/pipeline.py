@@ -23,9 +23,9 @@ def dvc_stages(repo: Path) -> list[str]:
     return list(spec.get("stages", {}))
 
 
-def stage_status(repo: Path, stage: str) -> bool:
-    """True when `dvc repro <stage>` would run something (the stage or one upstream of it)."""
-    out = run(["dvc", "status", stage], repo)
+def pipeline_changed(repo: Path) -> bool:
+    """True when `dvc repro` would run something: new data, code or params, or missing outputs."""
+    out = run(["dvc", "status"], repo)
     return "up to date" not in out
 
 

@@ -110,9 +110,9 @@ def weekly_retrain(profile: str | None = None, force: bool = False, repo: str = 
     if accepted:
         drift(repo, accepted)
     production = registry.read_production(Path(repo))
-    if not accepted and production is not None and not force:
-        log.info("no new data and a production model exists: nothing to retrain")
-        return Completed(message="no new data: nothing retrained")
+    if production is not None and not force and not pipeline.pipeline_changed(Path(repo)):
+        log.info("no new data and every stage is up to date: nothing to retrain")
+        return Completed(message="no new data: nothing retrained (dvc: up to date)")
 
     timings = [repro(repo, stage) for stage in pipeline.dvc_stages(Path(repo))]
     rescore(repo)
