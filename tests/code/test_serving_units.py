@@ -1,0 +1,241 @@
+"""The service's pure parts: request models, the request guard, the batch queue, top-k, the catalogue,
+dtype choice, and bentofile.yaml's packages against pyproject.toml."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import tomllib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from components.errors import ModelError, RequestError
+from components.serving.batching import BatchQueue
+from components.serving.engine import Catalogue, llm_dtype, popularity, top_k
+from components.serving.guard import RequestGuard, request_log
+from components.serving.schemas import RecommendRequest, ScoreRequest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------- schemas
+
+
+def test_ids_are_strings_and_integers_are_accepted():
+    r = RecommendRequest.model_validate_json('{"history": ["50", 181, 0]}')
+    assert r.history == ["50", "181", "0"] and r.k == 10 and r.rerank is True and r.candidates == 20
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"history": []}', "history"),
+        ('{"history": [true]}', "history"),
+        ('{"history": [1.5]}', "history"),
+        ('{"history": [-1]}', "history"),
+        ('{"history": ["1"], "k": "2"}', "k"),
+        ('{"history": ["1"], "k": 0}', "k"),
+        ('{"history": ["1"], "rerank": 1}', "rerank"),
+        ('{"history": ["1"], "extra": 1}', "extra"),
+    ],
+)
+def test_bad_bodies_name_the_field(body, field):
+    with pytest.raises(ValidationError) as e:
+        RecommendRequest.model_validate_json(body)
+    assert field in {str(loc) for err in e.value.errors() for loc in err["loc"]}
+
+
+def test_k_must_fit_the_reranked_candidates():
+    with pytest.raises(ValidationError, match=r"k \(30\) must be <= candidates \(20\)"):
+        RecommendRequest.model_validate_json('{"history": ["1"], "k": 30}')
+    assert RecommendRequest.model_validate_json('{"history": ["1"], "k": 30, "rerank": false}').k == 30
+    with pytest.raises(ValidationError):
+        ScoreRequest.model_validate_json('{"history": ["1"], "candidates": []}')
+
+
+# --------------------------------------------------------------------------------------------- guard
+
+
+async def _echo(scope, receive, send):
+    """A tiny ASGI app: echoes the body length; adds a field to the request's log line."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            break
+    request_log().update(api="echo", rerank=True)
+    data = str(len(body)).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _guarded(**kw) -> httpx.AsyncClient:
+    app = RequestGuard(_echo, max_bytes=100, model_version="rsllm:test", json_paths=("/recommend",), **kw)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def test_guard_limits_size_and_content_type_and_logs_one_line(caplog):
+    async def go():
+        async with _guarded() as c:
+            ok = await c.post("/recommend", content=b"x" * 100, headers={"content-type": "application/json"})
+            big = await c.post("/recommend", content=b"x" * 101)
+
+            async def chunks():
+                for _ in range(3):
+                    yield b"x" * 60
+
+            chunked = await c.post("/recommend", content=chunks())
+            form = await c.post(
+                "/recommend", content=b"a=1", headers={"content-type": "application/x-www-form-urlencoded"}
+            )
+            other = await c.post("/other", content=b"a=1", headers={"content-type": "text/plain"})
+            return ok, big, chunked, form, other
+
+    with caplog.at_level(logging.INFO, logger="rsllm.serving"):
+        ok, big, chunked, form, other = asyncio.run(go())
+    assert ok.status_code == 200 and ok.text == "100"
+    assert big.status_code == 413 and big.json()["field"] == "body" and "100 bytes" in big.json()["error"]
+    assert chunked.status_code == 413
+    assert form.status_code == 415 and form.json()["field"] == "Content-Type"
+    assert other.status_code == 200  # only the JSON APIs insist on JSON
+    lines = [r.getMessage() for r in caplog.records if r.name == "rsllm.serving"]
+    assert len(lines) == 5
+    assert re.fullmatch(
+        r"POST /recommend status=200 latency_ms=\d+\.\d model=rsllm:test api=echo rerank=true", lines[0]
+    )
+    assert "status=413" in lines[1] and "error=body" in lines[1]
+
+
+# --------------------------------------------------------------------------------------------- queue
+
+
+def test_queue_batches_what_arrives_while_busy_and_keeps_order():
+    calls: list[list[int]] = []
+
+    def fn(jobs):
+        import time
+
+        time.sleep(0.05)
+        calls.append(list(jobs))
+        return [j * 10 for j in jobs]
+
+    async def go():
+        q = BatchQueue(fn, max_batch=3)
+        out = await asyncio.gather(*(q.submit(i) for i in range(7)))
+        q.close()
+        return out
+
+    assert asyncio.run(go()) == [i * 10 for i in range(7)]
+    assert [len(c) for c in calls] == [3, 3, 1] and sum(calls, []) == list(range(7))
+
+
+def test_queue_hands_an_error_to_each_request_of_the_batch():
+    def fn(jobs):
+        raise ValueError("boom")
+
+    async def go():
+        q = BatchQueue(fn, max_batch=2)
+        out = await asyncio.gather(q.submit(1), q.submit(2), return_exceptions=True)
+        q.close()
+        return out
+
+    assert [str(e) for e in asyncio.run(go())] == ["boom", "boom"]
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchQueue(lambda j: j, max_batch=0)
+
+
+# ----------------------------------------------------------------------------- retrieval and catalogue
+
+
+def test_top_k_masks_padding_and_history():
+    scores = np.array([9.0, 1.0, 5.0, 5.0, 3.0, 7.0])
+    assert top_k(scores, {5}, 3) == [2, 3, 4]  # padding (0) and history (5) never come back; ties by index
+    assert top_k(scores, set(), 10) == [5, 2, 3, 4, 1]
+    assert top_k(scores, {1, 2, 3, 4, 5}, 3) == []
+
+
+def _catalogue(tmp_path: Path) -> Catalogue:
+    pd.DataFrame(
+        {
+            "item_idx": [1, 2],
+            "item_id": ["a", "b"],
+            "title": ["Heat", "Toy Story"],
+            "year": [1995, 1995],
+            "genres": ["Action", "Animation"],
+        }
+    ).to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame(
+        {
+            "item_id": ["a", "b", "z"],
+            "title": ["Heat", "Toy Story", "Toy Soldiers"],
+            "year": [1995, 1995, None],
+            "genres": ["Action", "Animation", "Drama"],
+        }
+    ).to_parquet(tmp_path / "catalogue.parquet")
+    pd.DataFrame({"user_idx": [0, 1], "history": [[1, 2], [2]], "target": [2, 2]}).to_parquet(
+        tmp_path / "sample_users.parquet"
+    )
+    return Catalogue.load(tmp_path)
+
+
+def test_catalogue_puts_cold_items_after_the_encoders(tmp_path):
+    c = _catalogue(tmp_path)
+    assert c.ids == ["", "a", "b", "z"] and c.n_known == 2 and len(c) == 3
+    assert c.item(3) == {
+        "item_id": "z",
+        "title": "Toy Soldiers",
+        "year": None,
+        "genres": "Drama",
+        "known_to_encoder": False,
+    }
+    with pytest.raises(RequestError) as e:
+        c.lookup("history", ["a", "q", "r", "q"])
+    assert e.value.field == "history" and e.value.values == ["q", "r"] and "'q', 'r'" in str(e.value)
+    pop = popularity(tmp_path / "sample_users.parquet", 4)
+    assert pop.tolist() == [0, 1, 4, 0]
+    assert c.search("toy", 5, pop) == [2, 3]  # the popular one first
+    assert c.search("TOY SOL", 5, pop) == [3]
+
+
+def test_dtype_choice():
+    assert llm_dtype("auto", "cuda:0") == "bfloat16"
+    assert llm_dtype("float32", "cuda:0") == "float32"
+    assert llm_dtype("auto", "cpu") in ("bfloat16", "float32")
+    with pytest.raises(ModelError, match="RSLLM_LLM_DTYPE"):
+        llm_dtype("fp8", "cpu")
+
+
+# ---------------------------------------------------------------------------------------- bentofile
+
+
+def test_bentofile_packages_agree_with_pyproject():
+    from packaging.requirements import Requirement
+
+    bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert bento["service"] == "components.serving.service:RsllmService"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {}
+    for spec in project:
+        req = Requirement(spec)
+        if req.marker is None or req.marker.evaluate({"sys_platform": "linux", "platform_machine": "x86_64"}):
+            declared[req.name.lower()] = req
+    for spec in bento["python"]["packages"]:
+        req = Requirement(spec)
+        pinned = [s for s in req.specifier if s.operator == "=="]
+        assert pinned, f"bentofile.yaml: {spec} is not pinned"
+        if req.name.lower() == "fastapi":  # imported by the service; pyproject gets it through prefect
+            continue
+        assert req.name.lower() in declared, (
+            f"bentofile.yaml: {req.name} is not a dependency in pyproject.toml"
+        )
+        assert declared[req.name.lower()].specifier.contains(pinned[0].version), (
+            f"bentofile.yaml: {spec} is outside pyproject.toml's {declared[req.name.lower()]}"
+        )
