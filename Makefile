@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint fmt clean
+.PHONY: install browser demo test lint fmt clean
 
 install: $(STAMP)
 
@@ -21,8 +21,16 @@ demo: install
 	mkdir -p data/accepted
 	$(BIN)/python -m flows.retrain --profile demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium + its driver for the service's UI test (Debian packages: test tools cannot download
+# browsers here). Installs only when missing; needs root or sudo.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 lint: install
 	$(BIN)/ruff check components flows tests bench
