@@ -9,6 +9,7 @@ a bad drop fails the run; a strict gate fails the run; a worker killed mid-train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import bentoml
+import psutil
 import pytest
 import yaml
 
@@ -57,8 +59,13 @@ class Deployment:
                                        start_new_session=True)
 
     def kill_worker(self) -> None:
+        """SIGKILL the worker and every process under it (its flow runs, their dvc and training): a crash."""
         if self.worker and self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGKILL)
+            children = psutil.Process(self.worker.pid).children(recursive=True)
+            tree = [self.worker.pid, *(c.pid for c in children)]
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.worker.wait()
 
     def run(self, **parameters) -> str:
