@@ -1,9 +1,10 @@
 """Ranking metrics: one implementation, used by every model's evaluation (SASRec, the LLM stages, serving).
 
 Everything starts from the 0-based rank of the target among the scored items:
-rank = number of items scored strictly higher than the target (ties count in the target's favour,
-so a model that scores everything equally is not penalised by an arbitrary tie-break; scores are
-floats and exact ties are rare in practice). A target with rank r (0 = top) is a hit at K when r < K,
+rank = number of other items scored at least as high as the target: ties count against the target,
+so a degenerate model (constant scores, or NaN everywhere) ranks every target last instead of first
+and can never pass a gate; with float scores exact ties are rare in practice. A NaN target score is
+ranked last. A target with rank r (0 = top) is a hit at K when r < K,
 and its NDCG@K is 1 / log2(r + 2) (a single relevant item: IDCG = 1).
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 
 def target_ranks(scores: np.ndarray, target_cols: np.ndarray) -> np.ndarray:
-    """0-based rank of each row's target: the number of scores strictly greater than the target's.
+    """0-based rank of each row's target: the number of other scores >= the target's (ties count against).
 
     scores: [n, m] float (use -inf for items that must never be recommended);
     target_cols: [n] int, the column of the target in each row. Returns [n] int64.
@@ -26,8 +27,11 @@ def target_ranks(scores: np.ndarray, target_cols: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"scores must be [n, m] and target_cols [n]; got {scores.shape} and {target_cols.shape}"
         )
-    target = scores[np.arange(scores.shape[0]), target_cols][:, None]  # [n, 1]
-    return (scores > target).sum(axis=1).astype(np.int64)
+    rows = np.arange(scores.shape[0])
+    target = scores[rows, target_cols][:, None]  # [n, 1]
+    at_least = (scores >= target).sum(axis=1) - 1  # others scoring >= the target (it equals itself)
+    worst = scores.shape[1] - 1
+    return np.where(np.isnan(target[:, 0]), worst, at_least).astype(np.int64)
 
 
 def hit_rate_at_k(ranks: np.ndarray, k: int) -> float:

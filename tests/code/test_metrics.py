@@ -17,13 +17,21 @@ from components.metrics import (
 )
 
 
-def test_target_ranks_count_strictly_higher_scores():
+def test_target_ranks_count_higher_scores_and_ties_against_the_target():
     scores = np.array(
         [[0.1, 0.5, 0.3, 0.2], [4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, -np.inf, 9.0, 1.0]]
     )
     ranks = target_ranks(scores, np.array([2, 0, 3, 3]))
-    # row 0: only 0.5 beats 0.3; row 1: the top; row 2: ties count for the target; row 3: 9.0 beats 1.0
-    assert ranks.tolist() == [1, 0, 0, 1]
+    # row 0: only 0.5 beats 0.3; row 1: the top; row 2: ties count against the target; row 3: 9.0 beats 1.0
+    assert ranks.tolist() == [1, 0, 3, 1]
+
+
+def test_degenerate_scores_never_look_good():
+    constant = np.zeros((5, 20))
+    nan = np.full((5, 20), np.nan)
+    for scores in (constant, nan):
+        ranks = target_ranks(scores, np.arange(5))
+        assert hit_rate_at_k(ranks, 1) == 0.0 and (ranks == 19).all()
 
 
 def test_target_ranks_rejects_bad_shapes():
