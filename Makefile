@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 
 # Subprocesses (dvc stages, tests) find `rsllm` and `dvc` in the venv.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Offline by design: no telemetry from Prefect's (ephemeral) server or BentoML.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export BENTOML_DO_NOT_TRACK := true
 
 # The whole weekly retrain once, on the embedded defaults (demo profile), in Prefect's ephemeral mode.
 demo: install
