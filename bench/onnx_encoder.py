@@ -79,7 +79,10 @@ def main() -> int:
         "--ort-threads", type=int, default=None, help="ONNX Runtime intra-op threads (params: export)"
     )
     ap.add_argument("--n-items", type=int, default=1349, help="catalogue size of an untrained model")
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     args = ap.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     settings = load_settings(args.params) if Path(args.params).exists() else None
     scfg = settings.sasrec if settings else SasrecSettings()

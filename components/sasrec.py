@@ -47,17 +47,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.attn_drop = nn.Dropout(cfg.attn_dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        # x: [B, L, D]; allowed: [B, 1, L, L] bool, True where query i may attend to key j
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
+        # x: [B, L, D]; allowed: [B, 1, Q, L] bool, True where query i may attend to key j.
+        # The queries are the last Q positions (Q = L for training; Q = 1 for the user vector).
         B, L, D = x.shape
+        Q = n_queries or L
         q, k, v = self.qkv(x).split(D, dim=2)  # each [B, L, D]
-        q = q.view(B, L, self.heads, D // self.heads).transpose(1, 2)  # [B, H, L, Dh]
+        q = q[:, L - Q :].reshape(B, Q, self.heads, D // self.heads).transpose(1, 2)  # [B, H, Q, Dh]
         k = k.view(B, L, self.heads, D // self.heads).transpose(1, 2)  # [B, H, L, Dh]
         v = v.view(B, L, self.heads, D // self.heads).transpose(1, 2)  # [B, H, L, Dh]
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D // self.heads))  # [B, H, L, L]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D // self.heads))  # [B, H, Q, L]
         att = att.masked_fill(~allowed, float("-inf"))
         att = self.attn_drop(F.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(B, L, D)  # [B, L, D]
+        y = (att @ v).transpose(1, 2).reshape(B, Q, D)  # [B, Q, D]
         return self.proj(y)
 
 
@@ -72,9 +74,13 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = self.ln1(x + self.drop(self.attn(x, allowed)))  # [B, L, D]
-        return self.ln2(x + self.drop(self.ff(x)))  # [B, L, D]
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        # x: [B, L, D] -> [B, L, D], or [B, 1, D] for the last position alone (last_only)
+        if last_only:
+            x = self.ln1(x[:, -1:] + self.drop(self.attn(x, allowed[:, :, -1:], n_queries=1)))  # [B, 1, D]
+        else:
+            x = self.ln1(x + self.drop(self.attn(x, allowed)))  # [B, L, D]
+        return self.ln2(x + self.drop(self.ff(x)))
 
 
 class SASRec(nn.Module):
@@ -100,8 +106,9 @@ class SASRec(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """items: [B, L] int64, left-padded with 0, L <= max_len -> hidden states [B, L, D]."""
+    def forward(self, items: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """items: [B, L] int64, left-padded with 0, L <= max_len -> hidden states [B, L, D]
+        (last_only: the last block computes the last position alone -> [B, 1, D], same values)."""
         B, L = items.shape
         real = items != 0  # [B, L]
         # Position of each real item counted from the row's first real item; padding gets position 0.
@@ -112,13 +119,13 @@ class SASRec(nn.Module):
         eye = torch.eye(L, dtype=torch.bool, device=items.device)  # [L, L]
         allowed = (causal & real[:, None, :]) | eye  # [B, L, L]
         allowed = allowed[:, None, :, :]  # [B, 1, L, L]
-        for block in self.blocks:
-            x = block(x, allowed)
-        return x  # [B, L, D]
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only=last_only and i == len(self.blocks) - 1)
+        return x  # [B, L, D] or [B, 1, D]
 
     def user_vector(self, items: torch.Tensor) -> torch.Tensor:
         """items: [B, L] left-padded histories -> the representation after the last item, [B, D]."""
-        return self.forward(items)[:, -1, :]
+        return self.forward(items, last_only=True)[:, -1, :]
 
     def item_table(self) -> torch.Tensor:
         """The item embedding table [N+1, D] (row 0 = padding): scores = user_vector @ table.T."""

@@ -78,6 +78,13 @@ def test_padding_never_changes_the_output():
         torch.testing.assert_close(together[row : row + 1], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_user_vector_equals_the_last_hidden_state():
+    """user_vector computes only the last position in the last block; the values are the full forward's."""
+    model = _model()
+    x = torch.tensor(pad_left([[1, 2, 3], [4, 5, 6, 7, 8], list(range(1, 13))], 12))
+    torch.testing.assert_close(model.user_vector(x), model(x)[:, -1], atol=1e-6, rtol=1e-5)
+
+
 def test_padding_invariance_is_not_trivial():
     """The check above would catch a model that let padding leak: the same items in another order differ."""
     model = _model()
@@ -112,7 +119,8 @@ class _FixedScores(torch.nn.Module):
         self.cfg = SASRecConfig(n_items=n_items, max_len=max_len)
 
     def score_all(self, items: torch.Tensor) -> torch.Tensor:
-        scores = torch.zeros(items.shape[0], self.cfg.n_items + 1)
+        # distinct base scores, lower for higher ids: -0.01 * item_idx
+        scores = -0.01 * torch.arange(self.cfg.n_items + 1, dtype=torch.float32).repeat(items.shape[0], 1)
         scores[:, 1] = 50.0
         scores.scatter_(1, items, 100.0)
         scores[:, 0] = float("-inf")
@@ -124,7 +132,7 @@ def test_full_ranking_masks_history_but_not_the_target(tmp_path):
     prepared = write_prepared(tmp_path / "p", seqs=[[1, 2, 3, 4, 5], [6, 7, 8, 9, 7]], n_items=N_ITEMS)
     data = load_prepared(prepared)
     out = evaluate_split(_FixedScores(N_ITEMS, 10), data, "test")
-    # user 0: history masked, item 1 (50) masked too, the target (0) ties with everything else -> rank 0
+    # user 0: history masked, item 1 (50) masked too, the target 5 beats every item after it -> rank 0
     # user 1: target 7 is in the history but not masked: scored 100, rank 0
     assert out["full"] == {"hr@10": 1.0, "ndcg@10": 1.0}
     assert set(out["candidates"]) == {"hr@1", "hr@5", "ndcg@5"}
