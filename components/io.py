@@ -12,6 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `target`; on success it replaces `target` in one rename.
@@ -23,6 +29,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -43,6 +50,7 @@ def atomic_file(target: Path, mode: str = "wb") -> Iterator:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh

@@ -7,6 +7,8 @@ dvc.yaml stays the one definition of the stages: the retrain flow asks it for th
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import yaml
 
 from components.config import load_settings
 from components.errors import ConfigError, RsllmError, VersioningError
-from components.versioning import IDENTITY, run
+from components.versioning import IDENTITY, run, tool_env
 
 
 def dvc_stages(repo: Path) -> list[str]:
@@ -32,8 +34,12 @@ def pipeline_changed(repo: Path) -> bool:
 def repro_stage(repo: Path, stage: str) -> dict:
     """`dvc repro <stage>`; on failure restore its last good outputs (`dvc checkout`) and re-raise."""
     started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", stage], cwd=repo, env=tool_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout  # the stage's own output (training progress, resumes) interleaved with dvc's
     try:
-        out = run(["dvc", "repro", stage], repo)
+        if proc.returncode != 0:
+            raise VersioningError(f"`dvc repro {stage}` failed in {repo}: {out.strip()[-1500:]}")
     except VersioningError as e:
         try:
             run(["dvc", "checkout", "--force", stage], repo)
@@ -41,8 +47,8 @@ def repro_stage(repo: Path, stage: str) -> dict:
         except RsllmError:
             restored = "no earlier outputs to restore"
         raise StageFailed(f"stage {stage!r} failed; {restored}. {e}") from None
-    ran = [m for m in re.findall(r"Running stage '([^']+)'", out)]
-    return {"stage": stage, "ran": ran, "seconds": round(time.monotonic() - started, 1)}
+    ran = re.findall(r"Running stage '([^']+)'", out)
+    return {"stage": stage, "ran": ran, "seconds": round(time.monotonic() - started, 1), "log": out[-4000:]}
 
 
 class StageFailed(RsllmError):

@@ -69,8 +69,13 @@ def drift(repo: str, drops: list[str]) -> list[dict]:
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=10, retry_condition_fn=_no_retry_on_bad_data)
 def repro(repo: str, stage: str) -> dict:
-    """`dvc repro <stage>`; its last good outputs are restored when it fails."""
-    return pipeline.repro_stage(Path(repo), stage)
+    """`dvc repro <stage>`; its last good outputs are restored when it fails. Its output goes to the log."""
+    result = pipeline.repro_stage(Path(repo), stage)
+    if result["ran"]:
+        get_run_logger().info("dvc repro %s:\n%s", stage, result.pop("log"))
+    else:
+        result.pop("log")
+    return result
 
 
 @task(name="rescore-production")
