@@ -49,6 +49,8 @@ class PromptBuilder:
 
     titles: titles[item_idx] for item_idx 0..N (index 0 = padding, unused).
     n_id_items: items 1..n_id_items have an ID embedding (rows of the SASRec table); others are cold.
+    cold_items: items within 1..n_id_items that are cold all the same (a stored model re-scored on a
+        newer snapshot: items it never saw).
     unified: True renders `[ITEM]` placeholders (stage 2); False renders titles alone (text-only).
     """
 
@@ -60,11 +62,13 @@ class PromptBuilder:
         unified: bool,
         n_id_items: int = 0,
         max_prompt_tokens: int | None = None,
+        cold_items: Sequence[int] = (),
     ):
         self.tok = tokenizer
         self.titles = list(titles)
         self.unified = unified
         self.n_id_items = n_id_items
+        self.cold_items = frozenset(int(i) for i in cold_items)  # within 1..n_id_items but without an ID
         self.max_prompt_tokens = max_prompt_tokens
         self.item_token_id = tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
         self.eos_id = tokenizer.eos_token_id
@@ -92,7 +96,7 @@ class PromptBuilder:
 
     def has_id(self, item: int) -> bool:
         """True when the item has an ID embedding (and the prompt is unified): it gets a placeholder."""
-        return self.unified and 0 < item <= self.n_id_items
+        return self.unified and 0 < item <= self.n_id_items and item not in self.cold_items
 
     def item_ids(self, item: int) -> tuple[list[int], int, int | None]:
         """The item on its own, for its LLM representation: " <title>" (+ `[ITEM]` when it has an ID).

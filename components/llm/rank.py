@@ -180,7 +180,8 @@ def load_ranker(base_dir: Path, stage_dir: Path | None = None, device: str = "au
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     base, tok = load_base(base_dir, dtype=dtype)
-    cfg = {"mode": "text", "history_len": None, "max_prompt_tokens": None, "n_id_items": 0, "stage": 0}
+    cfg = {"mode": "text", "history_len": None, "max_prompt_tokens": None, "n_id_items": 0, "stage": 0,
+           "cold_items": []}
     projector, table = None, None
     if stage_dir is not None:
         stage_dir = Path(stage_dir)
@@ -293,6 +294,7 @@ def evaluate_split(
         read_titles(prepared),
         unified=cfg["mode"] == "unified",
         n_id_items=cfg["n_id_items"],
+        cold_items=cfg["cold_items"],
         max_prompt_tokens=cfg["max_prompt_tokens"],
     )
     kw = {"history_len": hist_len, "batch_users": batch_users, "progress": progress}

@@ -49,6 +49,13 @@ def test_cold_start_item_is_rendered_by_title_alone(tok):
     assert f"Get Shorty; Heat{ITEM_TOKEN}." in text
 
 
+def test_listed_cold_items_inside_the_table_are_title_only(tok):
+    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=6, cold_items=[2])  # 2: unknown to the model
+    p = b.prompt([1, 2], [3, 2])
+    assert p.item_idx == [1, 3]
+    assert f"Toy Story{ITEM_TOKEN}; Heat." in tok.decode(p.ids)
+
+
 def test_padding_dropped_and_history_trimmed_oldest_first(tok):
     full = PromptBuilder(tok, TITLES, unified=False)
     n_full = len(full.prompt([0, 1, 2, 3], [4, 5]).ids)
