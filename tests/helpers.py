@@ -146,6 +146,7 @@ def tiny_params(root: Path) -> dict:
     base = save_tiny_base(root / "tiny-base", [f"This user has watched {t}. Candidates: {t}. Answer: {t}"
                                                 for t in titles])
     return deep_merge(params, {
+        "profile": None,  # the sections below as they are (no profile merged over them)
         "sasrec": {"hidden": 16, "layers": 1, "heads": 1, "inner": 32, "max_len": 20, "batch_size": 32,
                    "max_epochs": 3, "patience": 2, "train_stride": 10},
         "export": {"parity_users": 16},
