@@ -43,7 +43,8 @@ class Deployment:
     def __init__(self, clone: Path, server: PrefectServer):
         self.clone, self.server = clone, server
         self.env = server.env | {"BENTOML_HOME": os.environ["BENTOML_HOME"],
-                                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+                                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                 "PREFECT_LOGGING_LEVEL": "INFO"}  # flow runs ship their INFO logs
         self.worker: subprocess.Popen | None = None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
