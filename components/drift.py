@@ -23,7 +23,6 @@ time_of_day with the same methods and thresholds, and writes the HTML report.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import re
@@ -37,7 +36,7 @@ from scipy.stats import wasserstein_distance
 
 from components.config import DriftSettings, Settings
 from components.errors import DriftError, RsllmError
-from components.io import atomic_file, write_json_atomic
+from components.io import atomic_file, sha256_of, write_json_atomic
 from components.sources import canonical_interactions, canonical_items, read_table
 
 PRODUCTION_POINTER = Path("models/registry/production.json")
@@ -475,7 +474,7 @@ def check_drift(
     production = reference_for_production(repo)
     ref = load_reference(repo, reference or cfg.reference or production)
     result = measure(ref, cur, cfg, settings.data.replay_days)
-    result["current"]["sha256"] = _sha256(path)
+    result["current"]["sha256"] = sha256_of(path)
     result["reference"]["production_data_version"] = production
     out_dir = out_dir if out_dir.is_absolute() else repo / out_dir
     stem = out_dir / result["date"]
@@ -536,14 +535,6 @@ def print_verdict(result: dict, console=None) -> None:
         verdict = "[red]drift[/]" if f["drift"] else "[green]ok[/]"
         table.add_row(name, f"{f['value']:.3f}", f"{f['threshold']:.3f}", verdict, f["basis"])
     console.print(table)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def alert_text(result: dict) -> str:

@@ -4,6 +4,7 @@ so a crash never leaves a half-written dataset, model or report."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -67,3 +68,12 @@ def write_json_atomic(target: Path, obj: object) -> None:
     """Write pretty JSON (sorted keys, trailing newline) atomically."""
     with atomic_file(Path(target), "w") as fh:
         fh.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

