@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,11 @@ from scipy.stats import wasserstein_distance
 from components.config import DriftSettings, Settings
 from components.errors import DriftError, RsllmError
 from components.io import atomic_file, sha256_of, write_json_atomic
-from components.sources import canonical_interactions, canonical_items, read_table
+from components.sources import DROP_SUFFIXES, canonical_interactions, canonical_items, read_table
 
-PRODUCTION_POINTER = Path("models/registry/production.json")
 RAW = Path("data/raw")
 INCOMING = Path("data/incoming")
 ACCEPTED = Path("data/accepted")
-DROP_SUFFIXES = (".csv", ".parquet")
 DAY = 86400
 UNKNOWN_GENRE = "(unknown)"
 FIGURES: dict[str, str] = {
@@ -76,15 +73,14 @@ class Tables:
 
 
 def reference_for_production(repo: Path) -> str | None:
-    """The data version the production model was trained on (`data_version` in
-    models/registry/production.json), or None when nothing is in production yet."""
-    path = Path(repo) / PRODUCTION_POINTER
-    if not path.exists():
-        return None
+    """The data version the production model was trained on (`data_version` of the registry's
+    production pointer), or None when nothing is in production yet."""
+    from components import registry
+
     try:
-        pointer = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DriftError(f"{path}: not valid JSON ({e})") from None
+        pointer = registry.read_production(Path(repo))
+    except RsllmError as e:
+        raise DriftError(str(e)) from None
     version = pointer.get("data_version") if isinstance(pointer, dict) else None
     return str(version) if version else None
 

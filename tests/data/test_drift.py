@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import data, drift
+from components import data, drift, registry
 from components.config import load_settings
 from components.errors import DriftError, SourceError
 from tests.helpers import make_project, rsllm
@@ -55,7 +55,7 @@ def test_thresholds_are_relative_to_the_preceding_weeks_else_absolute():
 
 def test_reference_is_production_data_version_when_a_pointer_exists(tmp_path):
     assert drift.reference_for_production(tmp_path) is None
-    pointer = tmp_path / drift.PRODUCTION_POINTER
+    pointer = tmp_path / registry.POINTER
     pointer.parent.mkdir(parents=True)
     pointer.write_text(json.dumps({"data_version": "data/v3", "model_version": "rsllm:abc"}))
     assert drift.reference_for_production(tmp_path) == "data/v3"
@@ -212,7 +212,7 @@ def test_reference_is_the_data_version_production_was_trained_on(project):
     rsllm(["replay-week"], project)
     first = json.loads(rsllm(["ingest"], project).stdout.splitlines()[-1])
     assert first["version"]["version"] == "data/v1"
-    pointer = project / drift.PRODUCTION_POINTER
+    pointer = project / registry.POINTER
     pointer.parent.mkdir(parents=True, exist_ok=True)
     pointer.write_text(json.dumps({"data_version": "data/v1", "model_version": "rsllm:test"}))
     rsllm(["replay-week"], project)
