@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import data, drift, registry
+from components import data, drift, drift_figures, registry
 from components.config import load_settings
 from components.errors import DriftError, SourceError
 from tests.helpers import make_project, rsllm
@@ -29,27 +29,27 @@ def _tables(rows: list[tuple], source: str = "t") -> drift.Tables:
 
 def test_genre_weights_split_an_item_over_its_genres_and_count_unknown_items():
     t = _tables([("u", "a", 4.0, 0), ("u", "b", 3.0, 1), ("v", "zz", 5.0, 2)])
-    weights = drift.genre_weights(t.interactions, drift.genre_table(t.items))
-    assert weights.to_dict() == {"Comedy": 0.5, "Drama": 1.5, drift.UNKNOWN_GENRE: 1.0}
+    weights = drift_figures.genre_weights(t.interactions, drift_figures.genre_table(t.items))
+    assert weights.to_dict() == {"Comedy": 0.5, "Drama": 1.5, drift_figures.UNKNOWN_GENRE: 1.0}
 
 
 def test_cold_start_shares_and_identical_windows():
     history = _tables([("u", "a", 4.0, 0), ("v", "b", 3.0, 10)]).interactions
     window = _tables([("u", "a", 4.0, 100), ("w", "c", 3.0, 110)]).interactions
-    figures = drift.window_figures(window, history, drift.genre_table(None), 100, WEEK)
+    figures = drift_figures.window_figures(window, history, drift_figures.genre_table(None), 100, WEEK)
     assert figures["new_items"] == 0.5 and figures["new_users"] == 0.5
-    same = drift.window_figures(history, history, drift.genre_table(None), 0, WEEK)
+    same = drift_figures.window_figures(history, history, drift_figures.genre_table(None), 0, WEEK)
     assert same["rating"] == pytest.approx(0.0) and same["item_popularity"] == pytest.approx(0.0)
 
 
 def test_thresholds_are_relative_to_the_preceding_weeks_else_absolute():
     cfg = load_settings().drift
-    weeks = [dict.fromkeys(drift.FIGURES, v) for v in (0.1, 0.2, 0.3)]
-    limits = drift.thresholds(weeks, cfg)
+    weeks = [dict.fromkeys(drift_figures.FIGURES, v) for v in (0.1, 0.2, 0.3)]
+    limits = drift_figures.thresholds(weeks, cfg)
     g = cfg.figures.genre_mix
     assert limits["genre_mix"]["threshold"] == pytest.approx(max(g.factor * 0.2, 0.2 + g.margin))
     assert limits["genre_mix"]["baseline_median"] == pytest.approx(0.2)
-    few = drift.thresholds(weeks[:1], cfg)
+    few = drift_figures.thresholds(weeks[:1], cfg)
     assert few["genre_mix"]["threshold"] == g.absolute and "absolute" in few["genre_mix"]["basis"]
 
 
@@ -170,7 +170,7 @@ def test_cli_normal_week_then_shifted_week_with_evidently_reports(ml100k):
     assert "no drift" in normal.stderr
     report = json.loads((ml100k / verdict["report"]).read_text())
     assert (ml100k / verdict["html"]).stat().st_size > 10_000
-    assert set(report["figures"]) == set(drift.FIGURES)
+    assert set(report["figures"]) == set(drift_figures.FIGURES)
     for name, figure in report["figures"].items():
         assert {"value", "threshold", "drift", "basis"} <= set(figure), name
     for name in drift.EVIDENTLY_COLUMNS:
