@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from components.llm.checkpoints import latest_checkpoint
 from components.llm.model import export_projected
 from components.llm.rank import evaluate_split, ranks_from
-from components.llm.train import latest_checkpoint, train_stage
+from components.llm.train import train_stage
 from tests.model.llm_fixtures import (
     ROOT,
     llm_params,
