@@ -343,13 +343,16 @@ def gc(
     params: ParamsOpt = DEFAULT_PARAMS,
     keep: int = typer.Option(None, help="models to keep (default: params registry.keep_models)"),
 ) -> None:
-    """Delete old models (never production or its previous), then `dvc gc` of unused data."""
+    """Delete old models (never production or its previous) and stale checkpoints, then `dvc gc`."""
     from components import registry, versioning
+    from components.llm.checkpoints import prune_runs
 
     s = _settings(params)
     deleted = registry.gc(Path("."), keep or s.registry.keep_models)
+    checkpoints = prune_runs(s.llm.checkpoint_dir, s.registry.keep_checkpoints)
+    # every data version stays restorable: DVC keeps the data of the workspace and of every tag
     versioning.run(["dvc", "gc", "--workspace", "--all-tags", "-f", "-q"], Path("."))
-    _print_json({"deleted_models": deleted})
+    _print_json({"deleted_models": deleted, "deleted_checkpoints": checkpoints})
 
 
 @app.command()

@@ -108,3 +108,18 @@ def load_checkpoint(path: Path, model: RsllmModel, optimizer) -> dict:
         state.setdefault(int(pid), {})[k] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta
+
+
+def prune_runs(checkpoint_dir: Path, keep: int) -> list[str]:
+    """Delete all but the `keep` most recently written run folders (stage<k>-<key>); return their names.
+
+    A finished run deletes its own checkpoints; what is left belongs to stopped or killed runs.
+    """
+    runs = sorted(
+        (p for p in Path(checkpoint_dir).glob("stage*-*") if p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in runs[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return [p.name for p in runs[keep:]]
