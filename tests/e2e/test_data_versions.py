@@ -75,3 +75,15 @@ def test_version_refused_when_pipeline_definition_has_local_edits(repo):
     assert versioning.existing_tags(repo) == []
     with pytest.raises(VersioningError, match="unknown data version"):
         versioning.restore(repo, "data/v9")
+
+
+def test_a_failed_stage_gets_its_last_good_outputs_back(repo):
+    from components.pipeline import StageFailed, repro_stage
+    from tests.helpers import tree_digest
+
+    before = tree_digest(repo / "data/prepared")
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("num_candidates: 20", "num_candidates: 1000"))
+    with pytest.raises(StageFailed, match="stage 'prepare' failed; its last good outputs were restored"):
+        repro_stage(repo, "prepare")  # dvc deleted data/prepared before running the stage
+    assert tree_digest(repo / "data/prepared") == before
