@@ -16,9 +16,6 @@ import pytest
 
 from tests.helpers import make_project, rsllm, synthetic_params
 
-# One real Prefect server for the whole session, shared by every e2e module that asks for it.
-from tests.prefect_server import prefect_server  # noqa: F401,E402 (the fixture)
-
 
 @pytest.fixture(scope="session")
 def base_project(tmp_path_factory) -> Path:

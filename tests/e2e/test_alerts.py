@@ -25,7 +25,7 @@ import yaml
 from components import alerts
 from tests.data.test_drift import shifted_week
 from tests.helpers import ROOT, make_project, rsllm
-from tests.prefect_server import PrefectServer
+from tests.prefect_server import PrefectServer, prefect_server  # noqa: F401 (the fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

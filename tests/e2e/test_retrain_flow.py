@@ -25,7 +25,7 @@ import yaml
 
 from components import registry
 from tests.helpers import ROOT, deep_merge, sh, tiny_params, tree_digest
-from tests.prefect_server import PrefectServer
+from tests.prefect_server import PrefectServer, prefect_server  # noqa: F401 (the fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
