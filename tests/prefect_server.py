@@ -12,6 +12,9 @@ Use it from any test module:
             ...
 
 The server's log is in `prefect_server.log` (printed when it fails to start).
+
+Each test module that imports the fixture gets a server of its own (pytest registers the fixture per
+module): modules deploy the same deployment names and automations, which must not meet. Keep it so.
 """
 
 from __future__ import annotations
