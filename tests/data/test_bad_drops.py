@@ -76,11 +76,9 @@ def assert_rejected(project: Path, before: dict, result: dict, name: str, column
         assert column == reason["column"] or column in reason["message"]
     # quarantined beside a JSON reason; nothing else changed
     quarantined = list((project / "data/quarantine").glob(f"*{Path(name).stem}*"))
-    assert any(p.suffix == ".json" for p in quarantined) and len(quarantined) >= 2
-    assert (
-        json.loads(next(p for p in quarantined if p.suffix == ".json").read_text())["message"]
-        == reason["message"]
-    )
+    reasons = [p for p in quarantined if p.name.endswith(".reason.json")]
+    assert len(reasons) == 1 and len(quarantined) >= 2  # the drop itself + its reason
+    assert json.loads(reasons[0].read_text())["message"] == reason["message"]
     assert not (project / "data/incoming" / name).exists()
     assert tree_digest(project / "data/raw", project / "data/prepared", project / "data/accepted") == before
     return reason
