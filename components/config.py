@@ -225,10 +225,14 @@ class GateSettings(_Section):
     """Promotion thresholds (set per profile from measured figures)."""
 
     candidate: str = Field("stage2", description="the block of metrics/eval.json being promoted")
-    min: dict[str, float] = Field(default_factory=lambda: {"hr@1": 0.05, "valid_ratio": 1.0},
-                                  description="absolute minimums, always applied")
-    tolerance: dict[str, float] = Field(default_factory=lambda: {"hr@1": 0.02, "ndcg@5": 0.02},
-                                        description="allowed drop vs production on the same candidates")
+    min: dict[str, float] = Field(
+        default_factory=lambda: {"hr@1": 0.05, "valid_ratio": 1.0},
+        description="absolute minimums, always applied",
+    )
+    tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"hr@1": 0.02, "ndcg@5": 0.02},
+        description="allowed drop vs production on the same candidates",
+    )
 
 
 class RegistrySettings(_Section):

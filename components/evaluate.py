@@ -96,9 +96,7 @@ def score_llm(
         progress=progress,
     )
     ranked = ranked.sort_values("user_idx", kind="stable").reset_index(drop=True)
-    frame = per_user_frame(
-        name, ranked["user_idx"], ranks_from(ranked), ranked.get("valid")
-    )
+    frame = per_user_frame(name, ranked["user_idx"], ranks_from(ranked), ranked.get("valid"))
     # ValidRatio in ranking mode, computed (not assumed): the top-scored item is one of the candidates.
     answers = [c[int(np.argmax(s))] for c, s in zip(ranked["candidates"], ranked["scores"], strict=True)]
     frame.attrs["valid_ratio"] = valid_ratio(answers, ranked["candidates"].tolist())

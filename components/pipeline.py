@@ -34,8 +34,14 @@ def pipeline_changed(repo: Path) -> bool:
 def repro_stage(repo: Path, stage: str) -> dict:
     """`dvc repro <stage>`; on failure restore its last good outputs (`dvc checkout`) and re-raise."""
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", stage], cwd=repo, env=tool_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", stage],
+        cwd=repo,
+        env=tool_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out = proc.stdout  # the stage's own output (training progress, resumes) interleaved with dvc's
     try:
         if proc.returncode != 0:
@@ -71,6 +77,9 @@ def set_profile(repo: Path, profile: str) -> bool:
     except ConfigError:
         path.write_text(text)
         raise
-    run(["git", "commit", "-q", "--no-verify", "-m", f"params: profile {profile}", "--", "params.yaml"],
-        repo, extra_env=IDENTITY)
+    run(
+        ["git", "commit", "-q", "--no-verify", "-m", f"params: profile {profile}", "--", "params.yaml"],
+        repo,
+        extra_env=IDENTITY,
+    )
     return True

@@ -134,8 +134,16 @@ def save_tiny_base(dest: Path, texts: list[str]) -> Path:
     return dest
 
 
-TINY_STAGE = {"samples": 8, "epochs": 1, "batch_size": 4, "lr": 0.001, "warmup_steps": 0,
-              "max_prompt_tokens": 512, "checkpoint_every": 1, "log_every": 1}
+TINY_STAGE = {
+    "samples": 8,
+    "epochs": 1,
+    "batch_size": 4,
+    "lr": 0.001,
+    "warmup_steps": 0,
+    "max_prompt_tokens": 512,
+    "checkpoint_every": 1,
+    "log_every": 1,
+}
 
 
 def tiny_params(root: Path) -> dict:
@@ -143,15 +151,35 @@ def tiny_params(root: Path) -> dict:
     and a gate that a working pipeline passes (ValidRatio 1.0 in ranking mode)."""
     params = synthetic_params(root / "source")
     titles = pd.read_csv(params["data"]["files"]["items"])["title"].tolist()
-    base = save_tiny_base(root / "tiny-base", [f"This user has watched {t}. Candidates: {t}. Answer: {t}"
-                                                for t in titles])
-    return deep_merge(params, {
-        "profile": None,  # the sections below as they are (no profile merged over them)
-        "sasrec": {"hidden": 16, "layers": 1, "heads": 1, "inner": 32, "max_len": 20, "batch_size": 32,
-                   "max_epochs": 3, "patience": 2, "train_stride": 10},
-        "export": {"parity_users": 16},
-        "llm": {"base": {"source": "local", "local_dir": str(base)}, "lora": {"r": 4, "alpha": 8},
-                "projector_hidden": 16, "stage1": TINY_STAGE, "stage2": TINY_STAGE,
-                "eval_users": 6, "generation_users": 2, "max_new_tokens": 6},
-        "gate": {"min": {"valid_ratio": 1.0}, "tolerance": {"hr@1": 1.0}},
-    })
+    base = save_tiny_base(
+        root / "tiny-base", [f"This user has watched {t}. Candidates: {t}. Answer: {t}" for t in titles]
+    )
+    return deep_merge(
+        params,
+        {
+            "profile": None,  # the sections below as they are (no profile merged over them)
+            "sasrec": {
+                "hidden": 16,
+                "layers": 1,
+                "heads": 1,
+                "inner": 32,
+                "max_len": 20,
+                "batch_size": 32,
+                "max_epochs": 3,
+                "patience": 2,
+                "train_stride": 10,
+            },
+            "export": {"parity_users": 16},
+            "llm": {
+                "base": {"source": "local", "local_dir": str(base)},
+                "lora": {"r": 4, "alpha": 8},
+                "projector_hidden": 16,
+                "stage1": TINY_STAGE,
+                "stage2": TINY_STAGE,
+                "eval_users": 6,
+                "generation_users": 2,
+                "max_new_tokens": 6,
+            },
+            "gate": {"min": {"valid_ratio": 1.0}, "tolerance": {"hr@1": 1.0}},
+        },
+    )

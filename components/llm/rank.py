@@ -180,8 +180,14 @@ def load_ranker(base_dir: Path, stage_dir: Path | None = None, device: str = "au
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     base, tok = load_base(base_dir, dtype=dtype)
-    cfg = {"mode": "text", "history_len": None, "max_prompt_tokens": None, "n_id_items": 0, "stage": 0,
-           "cold_items": []}
+    cfg = {
+        "mode": "text",
+        "history_len": None,
+        "max_prompt_tokens": None,
+        "n_id_items": 0,
+        "stage": 0,
+        "cold_items": [],
+    }
     projector, table = None, None
     if stage_dir is not None:
         stage_dir = Path(stage_dir)

@@ -42,22 +42,34 @@ class Deployment:
 
     def __init__(self, clone: Path, server: PrefectServer):
         self.clone, self.server = clone, server
-        self.env = server.env | {"BENTOML_HOME": os.environ["BENTOML_HOME"],
-                                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                                 "PREFECT_LOGGING_LEVEL": "INFO"}  # flow runs ship their INFO logs
+        self.env = server.env | {
+            "BENTOML_HOME": os.environ["BENTOML_HOME"],
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }  # flow runs ship their INFO logs
         self.worker: subprocess.Popen | None = None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=self.clone, env=self.env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", *args],
+            cwd=self.clone,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return proc
 
     def start_worker(self) -> None:
         log = open(self.clone.parent / "worker.log", "a")  # noqa: SIM115 (closed with the process)
-        self.worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "rsllm-pool"],
-                                       cwd=self.clone, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+        self.worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "rsllm-pool"],
+            cwd=self.clone,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill_worker(self) -> None:
         """SIGKILL the worker and every process under it (its flow runs, their dvc and training): a crash."""
@@ -96,16 +108,18 @@ class Deployment:
         """Every log line of a flow run, as the UI shows them (from the server's API)."""
         messages, offset = [], 0
         while True:
-            page = self.server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}},
-                                                      "offset": offset, "limit": 200}).json()
+            page = self.server.post(
+                "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "offset": offset, "limit": 200}
+            ).json()
             messages += [m["message"] for m in page]
             if len(page) < 200:
                 return "\n".join(messages)
             offset += 200
 
     def artifact(self, run_id: str, key: str) -> str:
-        arts = self.server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]},
-                                                                   "key": {"any_": [key]}}}).json()
+        arts = self.server.post(
+            "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": [key]}}}
+        ).json()
         return arts[0]["data"] if arts else ""
 
 
