@@ -7,7 +7,9 @@ Variants, each trained from the same stage 1 with the same budget, then scored l
   title-only prompts          no projector: stage 1 (text-only) trained on stage 1 + stage 2's samples
 
 Run from the repo root after `dvc repro llm_stage1` (it reads models/ and data/prepared/):
-    python bench/ablation.py [--users 20] [--params params.yaml]
+    python bench/ablation.py [--users 20] [--params params.yaml] [--reuse-stage2]
+`--reuse-stage2` scores the pipeline's models/llm/stage2 as the "stage 2" row instead of retraining
+it (same params, same seed: the same model), which saves one of the four trainings.
 Prints a table and, as its last line, one JSON object with every variant's figures.
 """
 
@@ -40,6 +42,12 @@ def run_variant(name: str, override: dict | None, raw: dict, args, work: Path) -
     """Train one variant into `work` and score it on the evaluated test users."""
     out = work / name.replace(" ", "_")
     started = time.perf_counter()
+    if override == {} and args.reuse_stage2:
+        out = args.stage2  # the pipeline's own stage 2, trained with these params
+        settings = parse_settings(raw)
+        trained = json.loads((out / "config.json").read_text())["train"]["seconds"]
+        frame = score_llm(name, args.base, out, args.prepared, settings)
+        return summarise(frame, settings.seed) | {"train_seconds": trained}
     if override is None:
         base = parse_settings(raw)
         budget = base.llm.stage1.samples + base.llm.stage2.samples
@@ -67,7 +75,9 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--base", type=Path, default=Path("models/base"))
     parser.add_argument("--stage1", type=Path, default=Path("models/llm/stage1"))
+    parser.add_argument("--stage2", type=Path, default=Path("models/llm/stage2"))
     parser.add_argument("--sasrec", type=Path, default=Path("models/sasrec"))
+    parser.add_argument("--reuse-stage2", action="store_true", help="score --stage2 instead of retraining it")
     parser.add_argument("--users", type=int, default=None, help="evaluated users (default: llm.eval_users)")
     args = parser.parse_args()
     raw = yaml.safe_load(args.params.read_text())

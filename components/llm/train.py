@@ -150,6 +150,11 @@ def collate(samples: list[Sample], builder: PromptBuilder) -> dict[str, torch.Te
 # ---------------------------------------------------------------------------------------------- train
 
 
+def _mean_loss(rows: list[dict]) -> float | None:
+    """Mean training loss over some logged steps (None when there are none)."""
+    return round(float(np.mean([r["loss"] for r in rows])), 4) if rows else None
+
+
 def _lr_at(step: int, lr: float, warmup: int, total: int) -> float:
     """Linear warmup, then linear decay to 10% of lr (a pure function of the step: nothing to checkpoint)."""
     if step < warmup:
@@ -334,6 +339,9 @@ def train_stage(
         "tokens_per_s": round(sum(r["tokens"] for r in timed) / timed_s, 1) if timed else None,
         "first_loss": log[0]["loss"] if log else None,
         "last_loss": log[-1]["loss"] if log else None,
+        # single steps are noisy: the mean over the first and the last tenth of the logged steps
+        "loss_first_tenth": _mean_loss(log[: max(1, len(log) // 10)]),
+        "loss_last_tenth": _mean_loss(log[-max(1, len(log) // 10) :]),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "checkpoint_dir": str(ckpt_dir),
         "key": key,

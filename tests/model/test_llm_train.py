@@ -55,6 +55,8 @@ def test_two_stages_write_outputs_and_evaluate(inputs, tmp_path):
     s = llm_settings(tmp_path, samples=12, batch_size=4)
     one = train_stage(1, s, inputs / "prepared", inputs / "base", tmp_path / "s1")
     assert one["steps"] == one["steps_done"] == 3 and one["seconds_per_step"] > 0 and one["samples_per_s"] > 0
+    losses = [r["loss"] for r in json.loads((tmp_path / "s1" / "train_log.json").read_text())]
+    assert (one["loss_first_tenth"], one["loss_last_tenth"]) == (round(losses[0], 4), round(losses[-1], 4))
     two = train_stage(
         2,
         s,
