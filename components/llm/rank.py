@@ -285,7 +285,7 @@ def evaluate_split(
     Users: the first `users` rows of the split ordered by user_idx (the same users for every model).
     Columns as rank_users; generation columns are NaN for users not decoded.
     """
-    from components.llm.train import read_titles
+    from components.llm.samples import read_titles
 
     path = Path(prepared) / f"{split}.parquet"
     if not path.exists():

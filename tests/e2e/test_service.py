@@ -103,7 +103,7 @@ def test_score_is_the_evaluation_protocol_over_http(client, promoted):
     from components import registry
     from components.llm.prompts import PromptBuilder
     from components.llm.rank import load_ranker, rank_users
-    from components.llm.train import read_titles
+    from components.llm.samples import read_titles
 
     test = pd.read_parquet(promoted["prepared"] / "test.parquet").head(2)
     model_dir = Path(registry.get_model(promoted["model_tag"]).path)

@@ -10,7 +10,7 @@ import torch
 from components.llm.losses import batch_losses, combine, info_nce, lm_loss
 from components.llm.model import Projector, RsllmModel
 from components.llm.prompts import PromptBuilder
-from components.llm.train import Sample, collate
+from components.llm.samples import Sample, collate
 from tests.model.llm_fixtures import tiny_model, tiny_titles
 
 

@@ -15,7 +15,7 @@ from components.llm.model import (
     save_projector,
 )
 from components.llm.prompts import PromptBuilder
-from components.llm.train import Sample, collate
+from components.llm.samples import Sample, collate
 from tests.model.llm_fixtures import tiny_model, tiny_titles
 
 TITLES = tiny_titles(12)

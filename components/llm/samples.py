@@ -1,0 +1,116 @@
+"""Training samples for the two LLM stages, and their collation into model inputs.
+
+Every position t >= 1 of every training sequence (items[:-2]; the last two are valid and test) is a
+sample: history = up to `history_len` previous items, target = items[t], candidates = the target +
+seeded negatives the user never interacted with (shuffled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.errors import ModelError
+from components.llm.prompts import PromptBuilder
+
+
+@dataclass(frozen=True)
+class Sample:
+    user: int
+    history: list[int]
+    target: int
+    candidates: list[int]
+
+
+def read_titles(prepared: Path) -> list[str]:
+    """titles[item_idx] for item_idx 0..N from data/prepared/items.parquet (index 0 = padding, "")."""
+    path = Path(prepared) / "items.parquet"
+    if not path.exists():
+        raise ModelError(f"{path}: not found; run `rsllm prepare` first")
+    items = pd.read_parquet(path, columns=["item_idx", "title"])
+    titles = [""] * (int(items["item_idx"].max()) + 1)
+    for idx, title in zip(items["item_idx"].tolist(), items["title"].tolist(), strict=True):
+        titles[int(idx)] = "" if title is None else str(title)
+    return titles
+
+
+def training_samples(
+    sequences: pd.DataFrame,
+    n_items: int,
+    history_len: int,
+    num_candidates: int,
+    max_samples: int,
+    seed: int,
+    stream: int = 0,
+) -> list[Sample]:
+    """Draw `max_samples` (0 = all) training samples from every position of every train sequence.
+
+    `stream` (the stage) gives each stage its own seeded draw of positions and negatives."""
+    from components.prepare import sample_candidates
+
+    trains = [
+        (int(u), [int(i) for i in seq][:-2])
+        for u, seq in zip(sequences["user_idx"].tolist(), sequences["items"].tolist(), strict=True)
+    ]
+    pairs = [(k, t) for k, (_, train) in enumerate(trains) for t in range(1, len(train))]
+    if not pairs:
+        raise ModelError("sequences.parquet: no training positions (every sequence is shorter than 4)")
+    order = np.random.default_rng([seed, stream]).permutation(len(pairs))
+    if max_samples:
+        order = order[:max_samples]
+    samples = []
+    for j in order.tolist():
+        k, t = pairs[j]
+        user, train = trains[k]
+        rng = np.random.default_rng([seed, stream, user, t])
+        cands = sample_candidates(train[t], set(train), n_items, num_candidates, rng)
+        samples.append(Sample(user, train[max(0, t - history_len) : t], train[t], [int(c) for c in cands]))
+    return samples
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def collate(samples: list[Sample], builder: PromptBuilder) -> dict[str, torch.Tensor]:
+    """Right-padded batch: prompt + answer ids, answer-only labels, placeholders, the target item alone."""
+    ids, labels, item_at, prompt_end = [], [], [], []
+    i_ids, i_item_at, i_title, text_pos, rep_pos, has_id = [], [], [], [], [], []
+    for s in samples:
+        p = builder.prompt(s.history, s.candidates)
+        answer = builder.answer_ids(s.target)
+        ids.append(p.ids + answer)
+        labels.append([-100] * len(p.ids) + answer)
+        at = [0] * len(ids[-1])
+        for pos, item in zip(p.item_pos, p.item_idx, strict=True):
+            at[pos] = item
+        item_at.append(at)
+        prompt_end.append(len(p.ids) - 1)
+        it, tpos, ipos = builder.item_ids(s.target)
+        i_ids.append(it)
+        i_item_at.append([0] * tpos + [0] + ([s.target] if ipos is not None else []))
+        i_title.append([1] * (tpos + 1) + [0] * (len(it) - tpos - 1))
+        text_pos.append(tpos)
+        rep_pos.append(ipos if ipos is not None else tpos)
+        has_id.append(ipos is not None)
+    pad = builder.tok.pad_token_id
+    return {
+        "input_ids": _pad(ids, pad),  # [B, T]
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0),  # [B, T]
+        "labels": _pad(labels, -100),  # [B, T]
+        "item_at": _pad(item_at, 0),  # [B, T]
+        "prompt_end": torch.tensor(prompt_end),  # [B]
+        "target": torch.tensor([s.target for s in samples]),  # [B]
+        "item_input_ids": _pad(i_ids, pad),  # [B, Ti]
+        "item_attention_mask": _pad([[1] * len(r) for r in i_ids], 0),  # [B, Ti]
+        "item_item_at": _pad(i_item_at, 0),  # [B, Ti]
+        "item_title_mask": _pad(i_title, 0),  # [B, Ti]
+        "item_text_pos": torch.tensor(text_pos),  # [B]
+        "item_rep_pos": torch.tensor(rep_pos),  # [B]
+        "item_has_id": torch.tensor(has_id),  # [B]
+    }
