@@ -39,20 +39,18 @@ VARIANTS = {
 
 
 def run_variant(name: str, override: dict | None, raw: dict, args, work: Path) -> dict:
-    """Train one variant into `work` and score it on the evaluated test users."""
+    """Train one variant into `work` (or reuse the pipeline's stage 2) and score it on the test users."""
     out = work / name.replace(" ", "_")
     started = time.perf_counter()
     if override == {} and args.reuse_stage2:
-        out = args.stage2  # the pipeline's own stage 2, trained with these params
-        settings = parse_settings(raw)
+        out, settings = args.stage2, parse_settings(raw)  # the pipeline's own stage 2, these params
         trained = json.loads((out / "config.json").read_text())["train"]["seconds"]
-        frame = score_llm(name, args.base, out, args.prepared, settings)
-        return summarise(frame, settings.seed) | {"train_seconds": trained}
-    if override is None:
+    elif override is None:
         base = parse_settings(raw)
         budget = base.llm.stage1.samples + base.llm.stage2.samples
         settings = parse_settings(deep_merge(raw, {"llm": {"stage1": {"samples": budget}}}))
         train_stage(1, settings, args.prepared, args.base, out)
+        trained = time.perf_counter() - started
     else:
         settings = parse_settings(deep_merge(raw, {"llm": override}))
         train_stage(
@@ -64,7 +62,7 @@ def run_variant(name: str, override: dict | None, raw: dict, args, work: Path) -
             stage1_dir=args.stage1,
             item_table=load_item_embeddings(args.sasrec),
         )
-    trained = time.perf_counter() - started
+        trained = time.perf_counter() - started
     frame = score_llm(name, args.base, out, args.prepared, settings)
     return summarise(frame, settings.seed) | {"train_seconds": round(trained, 1)}
 
