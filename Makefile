@@ -5,7 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install browser demo test lint fmt clean
 
+# data/accepted is tracked by data/accepted.dvc; git keeps no empty folder and `dvc repro` needs it.
 install: $(STAMP)
+	@mkdir -p data/accepted
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +23,6 @@ export BENTOML_DO_NOT_TRACK := true
 
 # The whole weekly retrain once, on the embedded defaults (demo profile), in Prefect's ephemeral mode.
 demo: install
-	mkdir -p data/accepted
 	$(BIN)/python -m flows.retrain --profile demo
 
 test: install browser
