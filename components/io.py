@@ -50,6 +50,9 @@ def atomic_file(target: Path, mode: str = "wb") -> Iterator:
     """Open a temp file beside `target` for writing; renamed over `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            stale.unlink()
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
     try:

@@ -35,3 +35,13 @@ def test_atomic_file_and_json(tmp_path):
     write_json_atomic(tmp_path / "m.json", {"b": 1, "a": 2})
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
     assert stat.S_IMODE(os.stat(tmp_path / "m.json").st_mode) & 0o044
+
+
+def test_stale_temp_file_of_a_killed_writer_is_removed(tmp_path):
+    stale = tmp_path / ".pointer.json.tmp-killed"
+    stale.write_text('{"half": ')  # what SIGKILL mid-write leaves
+    other = tmp_path / ".other.json.tmp-keep"  # another target's temp file is not touched
+    other.write_text("{}")
+    write_json_atomic(tmp_path / "pointer.json", {"ok": True})
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.tmp-keep", "pointer.json"]
