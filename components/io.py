@@ -19,6 +19,16 @@ def _umask() -> int:
     return mask
 
 
+def _clear_stale(target: Path) -> None:
+    """Remove the temp files or folders that a killed writer of `target` left beside it."""
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `target`; on success it replaces `target` in one rename.
@@ -27,8 +37,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
+    _clear_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
@@ -50,9 +59,7 @@ def atomic_file(target: Path, mode: str = "wb") -> Iterator:
     """Open a temp file beside `target` for writing; renamed over `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            stale.unlink()
+    _clear_stale(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
     try:
