@@ -1,16 +1,18 @@
-"""Ablation of RSLLM's stage 2 on the same test users and candidates.
+"""Ablation of RSLLM on the same test users and candidates: which part makes the difference.
 
-Variants, each trained from the same stage 1 with the same budget, then scored like `rsllm evaluate`:
-  stage 2                     L_lm + a * L_user_item + b * L_id_text (params.yaml)
-  without L_user_item         a = 0
-  without L_id_text           b = 0
-  title-only prompts          no projector: stage 1 (text-only) trained on stage 1 + stage 2's samples
+Rows (each scored like `rsllm evaluate`, 95% bootstrap CIs, paired tests vs SASRec and vs stage 2):
+  popularity, SASRec, base zero-shot, stage 1, stage 2   the pipeline's own models (models/, data/prepared)
+  no-LLM control      the same score head, L_user_item and samples over projected SASRec vectors, no LLM
+  IDs-only            stage 2 trained and scored with items as their [ITEM] alone (titles removed)
+  likelihood rank     the pipeline's stage 2 ranked by title log-likelihood instead of the head
+  with/without USER   stage 2 with `llm.user_token` flipped (trained)
+  with KL             stage 2 with `llm.loss.distill` = 0.5 (trained)
+  title-only          stage 1 (text only) trained on stage 1 + stage 2's samples
+Trained variants start from the pipeline's stage 1 with stage 2's budget.
 
-Run from the repo root after `dvc repro llm_stage1` (it reads models/ and data/prepared/):
-    python bench/ablation.py [--users 20] [--params params.yaml] [--reuse-stage2]
-`--reuse-stage2` scores the pipeline's models/llm/stage2 as the "stage 2" row instead of retraining
-it (same params, same seed: the same model), which saves one of the four trainings.
-Prints a table and, as its last line, one JSON object with every variant's figures.
+Run from the repo root after `dvc repro evaluate` (it reads models/, data/prepared/, params.yaml):
+    python bench/ablation.py [--variants control ids_only likelihood] [--users N]
+Prints a table and, as its last line, one JSON object with every row's figures.
 """
 
 from __future__ import annotations
@@ -26,45 +28,41 @@ from rich.console import Console
 from rich.table import Table
 
 from components.config import deep_merge, parse_settings
-from components.evaluate import score_llm, summarise
-from components.llm.train import train_stage
-from components.recommender import load_item_embeddings
+from components.evaluate import (
+    eval_users,
+    paired_test,
+    per_user_frame,
+    score_llm,
+    score_popularity,
+    score_sasrec,
+    summarise,
+)
 
-VARIANTS = {
-    "stage 2": {},
-    "without L_user_item": {"loss": {"user_item": 0.0}},
-    "without L_id_text": {"loss": {"id_text": 0.0}},
-    "title-only prompts": None,  # no projector: text-only training with the same total budget
+TRAINED = {
+    "ids_only": {"prompt_titles": False},
+    "user_flip": None,  # {"user_token": not the default}, set in main
+    "kl": {"loss": {"distill": 0.5}},
 }
+ALL = ["control", "ids_only", "likelihood", "user_flip", "kl", "title_only"]
 
 
-def run_variant(name: str, override: dict | None, raw: dict, args, work: Path) -> dict:
-    """Train one variant into `work` (or reuse the pipeline's stage 2) and score it on the test users."""
-    out = work / name.replace(" ", "_")
+def train_variant(name: str, override: dict, raw: dict, args, work: Path):
+    """Stage 2 (or, for title_only, stage 1) with `override` merged into llm; returns (dir, settings, s)."""
+    from components.llm.train import train_stage
+
+    out = work / name
     started = time.perf_counter()
-    if override == {} and args.reuse_stage2:
-        out, settings = args.stage2, parse_settings(raw)  # the pipeline's own stage 2, these params
-        trained = json.loads((out / "config.json").read_text())["train"]["seconds"]
-    elif override is None:
+    if name == "title_only":
         base = parse_settings(raw)
         budget = base.llm.stage1.samples + base.llm.stage2.samples
         settings = parse_settings(deep_merge(raw, {"llm": {"stage1": {"samples": budget}}}))
         train_stage(1, settings, args.prepared, args.base, out)
-        trained = time.perf_counter() - started
     else:
         settings = parse_settings(deep_merge(raw, {"llm": override}))
         train_stage(
-            2,
-            settings,
-            args.prepared,
-            args.base,
-            out,
-            stage1_dir=args.stage1,
-            item_table=load_item_embeddings(args.sasrec),
+            2, settings, args.prepared, args.base, out, stage1_dir=args.stage1, item_table=args.sasrec
         )
-        trained = time.perf_counter() - started
-    frame = score_llm(name, args.base, out, args.prepared, settings)
-    return summarise(frame, settings.seed) | {"train_seconds": round(trained, 1)}
+    return out, settings, time.perf_counter() - started
 
 
 def main() -> None:
@@ -75,33 +73,80 @@ def main() -> None:
     parser.add_argument("--stage1", type=Path, default=Path("models/llm/stage1"))
     parser.add_argument("--stage2", type=Path, default=Path("models/llm/stage2"))
     parser.add_argument("--sasrec", type=Path, default=Path("models/sasrec"))
-    parser.add_argument("--reuse-stage2", action="store_true", help="score --stage2 instead of retraining it")
+    parser.add_argument("--variants", nargs="*", default=["control", "ids_only", "likelihood"], choices=ALL)
     parser.add_argument("--users", type=int, default=None, help="evaluated users (default: llm.eval_users)")
     args = parser.parse_args()
     raw = yaml.safe_load(args.params.read_text())
     if args.users:
         raw = deep_merge(raw, {"llm": {"eval_users": args.users}})
-    results = {}
+    settings = parse_settings(raw)
+    # the active profile's llm section, so variants keep its sizes when the override is merged on top
+    raw = deep_merge(raw, {"profile": None, **(raw.get("profiles") or {}).get(settings.profile or "", {})})
+    raw.pop("profile")
+    rows = eval_users(args.prepared, settings.llm.eval_users)
+    frames = {
+        "popularity": score_popularity(args.prepared, rows),
+        "sasrec": score_sasrec(args.sasrec, args.prepared, rows),
+        "base zero-shot": score_llm("base", args.base, None, args.prepared, settings),
+        "stage 1": score_llm("stage1", args.base, args.stage1, args.prepared, settings),
+        "stage 2": score_llm("stage2", args.base, args.stage2, args.prepared, settings),
+    }
+    seconds = {}
     with tempfile.TemporaryDirectory(prefix="rsllm-ablation-") as work:
-        for name, override in VARIANTS.items():
-            results[name] = run_variant(name, override, raw, args, Path(work))
-    table = Table(title="Stage 2 ablation (same users, same 20 candidates)")
-    for col in ("variant", "users", "HR@1 [95% CI]", "HR@5", "NDCG@5", "ValidRatio gen", "train s"):
+        for name in args.variants:
+            started = time.perf_counter()
+            if name == "control":
+                from components.llm.control import control_ranks, train_control
+
+                model, info = train_control(settings, args.prepared, args.sasrec)
+                ranks = control_ranks(model, args.sasrec, args.prepared, rows)
+                frames["no-LLM control"] = per_user_frame("control", rows["user_idx"], ranks)
+                seconds["no-LLM control"] = time.perf_counter() - started
+                continue
+            if name == "likelihood":
+                frame = score_llm(
+                    "likelihood", args.base, args.stage2, args.prepared, settings, rank="likelihood"
+                )
+                frames["stage 2, likelihood rank"] = frame
+                seconds["stage 2, likelihood rank"] = time.perf_counter() - started
+                continue
+            override = TRAINED.get(name) or {}
+            label = {"ids_only": "IDs-only", "kl": "stage 2 + KL", "title_only": "title-only"}.get(name)
+            if name == "user_flip":
+                override = {"user_token": not settings.llm.user_token}
+                label = "stage 2 + [USER]" if not settings.llm.user_token else "stage 2 without [USER]"
+            out, var_settings, trained = train_variant(name, override, raw, args, Path(work))
+            frames[label] = score_llm(name, args.base, out, args.prepared, var_settings)
+            seconds[label] = trained
+    results = {}
+    for name, frame in frames.items():
+        block = summarise(frame, settings.seed)
+        if name != "sasrec":
+            block["vs_sasrec"] = paired_test(frame, frames["sasrec"])
+        if name not in ("stage 2", "sasrec"):
+            block["stage2_vs_this"] = paired_test(frames["stage 2"], frame)
+        if name in seconds:
+            block["seconds"] = round(seconds[name], 1)
+        results[name] = block
+    table = Table(
+        title=f"Ablation on {len(rows)} test users, same 20 candidates (profile {settings.profile})"
+    )
+    for col in ("model", "HR@1 [95% CI]", "NDCG@5", "vs SASRec W/L (p)", "stage 2 vs it W/L (p)", "s"):
         table.add_column(col)
     for name, m in results.items():
         lo, hi = m["hr@1_ci95"]
-        gen = "n/a" if m["valid_ratio_generation"] is None else f"{m['valid_ratio_generation']:.2f}"
+        vs = m.get("vs_sasrec")
+        st = m.get("stage2_vs_this")
         table.add_row(
             name,
-            str(m["users"]),
-            f"{m['hr@1']:.3f} [{lo:.2f}, {hi:.2f}]",
-            f"{m['hr@5']:.3f}",
-            f"{m['ndcg@5']:.3f}",
-            gen,
-            f"{m['train_seconds']:.0f}",
+            f"{m['hr@1']:.4f} [{lo:.3f}, {hi:.3f}]",
+            f"{m['ndcg@5']:.4f}",
+            f"{vs['hr@1_wins']}/{vs['hr@1_losses']} ({vs['mcnemar_p']:.3g})" if vs else "",
+            f"{st['hr@1_wins']}/{st['hr@1_losses']} ({st['mcnemar_p']:.3g})" if st else "",
+            f"{m['seconds']:.0f}" if "seconds" in m else "",
         )
     Console().print(table)
-    print(json.dumps({"ablation": results}, sort_keys=True))
+    print(json.dumps({"ablation": results, "users": len(rows), "profile": settings.profile}, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ class ValidateSettings(_Section):
     max_rows: int = Field(50_000_000, ge=1)
     drop_min_rows: int = Field(1, ge=1)
     drop_max_rows: int = Field(5_000_000, ge=1)
+    # Checked before a drop is read: its size on disk (and, for Parquet, the uncompressed size its
+    # metadata declares); rows are counted from Parquet metadata or CSV lines, not by loading the file.
+    drop_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
     # A drop whose share of bad rows exceeds this is rejected outright; catalogue rows of the trusted
     # source below it are cleaned or excluded and listed in the report.
     max_bad_catalogue_share: float = Field(0.01, ge=0.0, le=1.0)
@@ -180,11 +183,15 @@ class LoraSettings(_Section):
 class LlmLossSettings(_Section):
     """L = L_lm + user_item * L_user_item + id_text * L_id_text; a weight of 0 switches a loss off."""
 
-    user_item: float = Field(0.1, ge=0.0, description="a")
+    user_item: float = Field(1.0, ge=0.0, description="a: softmax over each prompt's candidates (the head)")
     id_text: float = Field(0.1, ge=0.0, description="b (stage 2 only)")
-    temperature: float = Field(0.07, gt=0.0)
+    distill: float = Field(0.0, ge=0.0, description="c: KL from SASRec's candidate distribution (stage 2)")
+    temperature: float = Field(0.07, gt=0.0, description="of L_id_text")
+    distill_temperature: float = Field(1.0, gt=0.0)
     id_text_space: Literal["hidden", "input"] = Field(
-        "hidden", description="title representation for L_id_text: last hidden state or mean input embedding"
+        "hidden",
+        description="L_id_text's title representation: hidden (in the prompt; negatives = the batch's "
+        "candidates) or input (mean input embedding; negatives = the whole catalogue)",
     )
 
 
@@ -207,6 +214,17 @@ class LlmSettings(_Section):
     base: LlmBaseSettings = LlmBaseSettings()
     lora: LoraSettings = LoraSettings()
     projector_hidden: int = Field(256, ge=1)
+    head_dim: int = Field(256, ge=1, description="width of the score head's user and item projections")
+    rank: Literal["head", "likelihood"] = Field(
+        "head", description="head: score head at each candidate's marker; likelihood: title log-likelihood"
+    )
+    user_token: bool = Field(
+        False, description="stage 2: a [USER] placeholder = projected SASRec user vector"
+    )
+    prompt_titles: bool = Field(True, description="false: items with an ID are their [ITEM] alone (ablation)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
+    )
     loss: LlmLossSettings = LlmLossSettings()
     history_len: int = Field(10, ge=1, le=200, description="history items in a prompt")
     train_candidates: int = Field(20, ge=2, description="candidates in a training prompt")
@@ -232,6 +250,11 @@ class GateSettings(_Section):
     tolerance: dict[str, float] = Field(
         default_factory=lambda: {"hr@1": 0.02, "ndcg@5": 0.02},
         description="allowed drop vs production on the same candidates",
+    )
+    rerank_min_gain: float = Field(
+        0.0,
+        description="the LLM rerank is on by default only if its full-catalogue NDCG@10 minus retrieval's "
+        "is at least this (else the model is promoted with rerank off)",
     )
 
 

@@ -1,6 +1,9 @@
 """Evaluation: every model scored on the identical 20-candidate test sets, with uncertainty.
 
-Models: SASRec, the base LLM zero-shot, stage 1, stage 2 (and, for the gate, the production model).
+Models: popularity, SASRec, the base LLM zero-shot, stage 1, stage 2 (and, for the gate, the production
+model). Also the task the service runs: retrieval's top 10 of the whole catalogue against the LLM's
+rerank of retrieval's top 20 (full-catalogue HR@10 / NDCG@10, history masked), which decides whether
+the promoted model reranks by default (components.gate).
 Users: the first `llm.eval_users` test users by user_idx, the same for every model.
 Per model: HR@1, HR@5, NDCG@5, ValidRatio in ranking mode (the top-scored candidate is always a
 candidate), ValidRatio in generation mode (greedy decoding mapped back by exact title), 95%
@@ -70,6 +73,18 @@ def score_sasrec(sasrec_dir: Path, prepared: Path, rows: pd.DataFrame) -> pd.Dat
     return per_user_frame("sasrec", rows["user_idx"], ranks)
 
 
+def score_popularity(prepared: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """Popularity's per-user candidate ranks: how often each item occurs in the training part of every
+    sequence (the last two items of each are valid and test)."""
+    seqs = pd.read_parquet(Path(prepared) / "sequences.parquet")
+    train = np.concatenate([np.asarray(s, np.int64)[:-2] for s in seqs["items"]] or [np.zeros(0, np.int64)])
+    counts = np.bincount(train, minlength=int(max(map(max, rows["candidates"]))) + 1).astype(float)
+    cands = np.array(rows["candidates"].tolist(), dtype=np.int64)
+    targets = rows["target"].to_numpy()
+    ranks = target_ranks(counts[cands], np.argmax(cands == targets[:, None], axis=1))
+    return per_user_frame("popularity", rows["user_idx"], ranks)
+
+
 def score_llm(
     name: str,
     base_dir: Path,
@@ -78,8 +93,10 @@ def score_llm(
     settings: Settings,
     device: str = "auto",
     progress: bool = False,
+    rank: str | None = None,
 ) -> pd.DataFrame:
-    """An LLM's per-user ranks (block-mask scoring) and generation validity on the evaluated users."""
+    """An LLM's per-user ranks (its ranking mode, or `rank`) and generation validity on the evaluated
+    users."""
     from components.llm.rank import evaluate_split, ranks_from
 
     cfg = settings.llm
@@ -93,7 +110,9 @@ def score_llm(
         batch_users=cfg.eval_batch_users,
         max_new_tokens=cfg.max_new_tokens,
         device=device,
+        dtype=cfg.dtype,
         progress=progress,
+        rank=rank,
     )
     ranked = ranked.sort_values("user_idx", kind="stable").reset_index(drop=True)
     frame = per_user_frame(name, ranked["user_idx"], ranks_from(ranked), ranked.get("valid"))
@@ -102,6 +121,68 @@ def score_llm(
     frame.attrs["valid_ratio"] = valid_ratio(answers, ranked["candidates"].tolist())
     frame.attrs["seconds_per_user"] = float(ranked["seconds"].mean())
     return frame
+
+
+@torch.no_grad()
+def retrieval_top(
+    sasrec_dir: Path, prepared: Path, rows: pd.DataFrame, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """SASRec's top n of the whole catalogue per user (earlier items masked, as the service retrieves)
+    and the target's full-catalogue rank. Returns (top [U, n], target ranks [U])."""
+    from components.recommender import load_prepared, load_sasrec, pad_left
+
+    model, cfg = load_sasrec(sasrec_dir)
+    data = load_prepared(prepared)
+    prefixes = [data.sequences[int(u)][:-1] for u in rows["user_idx"]]
+    scores = model.score_all(torch.from_numpy(pad_left(prefixes, cfg.max_len))).float().numpy()  # [U, N+1]
+    targets = rows["target"].to_numpy()
+    for r, seen in enumerate(prefixes):
+        scores[r, seen[seen != targets[r]]] = -np.inf
+    ranks = target_ranks(scores, targets)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    return top, ranks
+
+
+def rerank_on_retrieval(
+    settings: Settings,
+    prepared: Path,
+    sasrec_dir: Path,
+    base_dir: Path,
+    stage_dir: Path,
+    rows: pd.DataFrame,
+    device: str = "auto",
+    retrieve: int = 20,
+    k: int = 10,
+) -> dict:
+    """The service's task: retrieval's top k vs the LLM's rerank of retrieval's top `retrieve`, scored
+    over the whole catalogue (HR@k, NDCG@k; a target outside the retrieved items is a miss for both)."""
+    from components.llm.rank import evaluate_split
+
+    top, full_ranks = retrieval_top(sasrec_dir, prepared, rows, retrieve)
+    cand_rows = rows.assign(candidates=[t.tolist() for t in top])
+    ranked = evaluate_split(
+        base_dir,
+        stage_dir,
+        prepared,
+        split="test",
+        rows=cand_rows,
+        batch_users=settings.llm.eval_batch_users,
+        device=device,
+        dtype=settings.llm.dtype,
+    ).sort_values("user_idx", kind="stable")
+    rerank_ranks = np.full(len(ranked), 10**6, dtype=np.int64)  # target not retrieved: a miss
+    for r, (scores, col) in enumerate(zip(ranked["scores"], ranked["target_col"], strict=True)):
+        if col >= 0:
+            rerank_ranks[r] = target_ranks(np.array([scores]), np.array([col]))[0]
+    out = {"users": int(len(rows)), "retrieved": retrieve, "k": k}
+    for name, ranks in (("retrieval", full_ranks), ("rerank", rerank_ranks)):
+        out[name] = {
+            f"hr@{k}": round(float((ranks < k).mean()), 6),
+            f"ndcg@{k}": round(float(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0).mean()), 6),
+        }
+    out[f"gain_ndcg@{k}"] = round(out["rerank"][f"ndcg@{k}"] - out["retrieval"][f"ndcg@{k}"], 6)
+    out[f"gain_hr@{k}"] = round(out["rerank"][f"hr@{k}"] - out["retrieval"][f"hr@{k}"], 6)
+    return out
 
 
 def bootstrap_ci(values: np.ndarray, seed: int, n: int = BOOTSTRAP) -> tuple[float, float]:
@@ -131,7 +212,7 @@ def summarise(frame: pd.DataFrame, seed: int) -> dict:
 
 
 def paired_test(a: pd.DataFrame, b: pd.DataFrame) -> dict:
-    """Stage 2 (a) vs SASRec (b) on the same users: exact McNemar on HR@1, Wilcoxon on NDCG@5."""
+    """a vs b (e.g. stage 2 vs SASRec) on the same users: exact McNemar on HR@1, Wilcoxon on NDCG@5."""
     m = a.merge(b, on="user_idx", suffixes=("_a", "_b"))
     wins = int(((m["hr@1_a"] == 1) & (m["hr@1_b"] == 0)).sum())
     losses = int(((m["hr@1_a"] == 0) & (m["hr@1_b"] == 1)).sum())
@@ -163,6 +244,18 @@ def comparison_markdown(metrics: dict, paired: dict | None) -> str:
             f"| {name} | {m['users']} | {m['hr@1']:.4f} [{lo:.3f}, {hi:.3f}] | {m['hr@5']:.4f} | "
             f"{m['ndcg@5']:.4f} | {m['valid_ratio']:.3f} | {gen} |"
         )
+    rr = metrics.get("rerank_on_retrieval")
+    if rr:
+        k = rr["k"]
+        lines += [
+            "",
+            f"The service's task on {rr['users']} users (whole catalogue, history masked): "
+            f"retrieval's top {k} HR@{k} {rr['retrieval'][f'hr@{k}']:.4f} / "
+            f"NDCG@{k} {rr['retrieval'][f'ndcg@{k}']:.4f}; "
+            f"the LLM's rerank of retrieval's top {rr['retrieved']}: "
+            f"HR@{k} {rr['rerank'][f'hr@{k}']:.4f} / NDCG@{k} {rr['rerank'][f'ndcg@{k}']:.4f} "
+            f"(gain {rr[f'gain_ndcg@{k}']:+.4f}).",
+        ]
     if paired:
         lines += [
             "",
@@ -215,7 +308,10 @@ def evaluate(
         if not Path(path).exists():
             raise ModelError(f"{path}: not found; run the stages before `rsllm evaluate`")
     rows = eval_users(prepared, settings.llm.eval_users)
-    frames = {"sasrec": score_sasrec(sasrec_dir, prepared, rows)}
+    frames = {
+        "popularity": score_popularity(prepared, rows),
+        "sasrec": score_sasrec(sasrec_dir, prepared, rows),
+    }
     frames["base"] = score_llm("base", base_dir, None, prepared, settings, device, progress)
     for name, stage_dir in stage_dirs.items():
         frames[name] = score_llm(name, base_dir, stage_dir, prepared, settings, device, progress)
@@ -223,6 +319,9 @@ def evaluate(
     paired = paired_test(frames["stage2"], frames["sasrec"]) if "stage2" in frames else None
     if paired:
         metrics["stage2_vs_sasrec"] = paired
+        metrics["rerank_on_retrieval"] = rerank_on_retrieval(
+            settings, prepared, sasrec_dir, base_dir, stage_dirs["stage2"], rows, device
+        )
     per_user = pd.concat(frames.values(), ignore_index=True)
     with atomic_dir(reports) as tmp:
         per_user.to_parquet(tmp / "per_user.parquet", index=False)

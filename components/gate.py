@@ -4,6 +4,9 @@ Inputs are the evaluation metrics (metrics/eval.json: one block per model, e.g. 
 "production" block when the production model was re-scored on the same candidate sets).
   - absolute minimums: every `gate.min.<metric>` must hold for the candidate (always);
   - no regression: candidate >= production - `gate.tolerance.<metric>` (only when production exists).
+  - rerank by default: only when the LLM's rerank of retrieval's top 20 gains at least
+    `gate.rerank_min_gain` full-catalogue NDCG@10 over retrieval alone (metrics["rerank_on_retrieval"]);
+    otherwise the model is still promotable, with rerank off by default. This never fails the gate.
 The decision and every reason go to reports/gate.json.
 """
 
@@ -24,6 +27,8 @@ class Decision:
     failed: list[str] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     production: dict | None = None
+    rerank: bool = False  # the promoted model's default for requests that do not say
+    rerank_reason: str = ""
 
 
 def decide(metrics: dict, cfg: GateSettings) -> Decision:
@@ -57,7 +62,25 @@ def decide(metrics: dict, cfg: GateSettings) -> Decision:
                 f"(tolerance {tol}): {'no worse' if ok else 'worse'}",
             )
     d.passed = not d.failed
+    d.rerank, d.rerank_reason = rerank_default(metrics.get("rerank_on_retrieval"), cfg.rerank_min_gain)
+    d.reasons.append(f"rerank {'on' if d.rerank else 'off'} by default: {d.rerank_reason}")
     return d
+
+
+def rerank_default(rr: dict | None, min_gain: float) -> tuple[bool, str]:
+    """(rerank on by default?, why) from the rerank-on-retrieval figures of the evaluation."""
+    if not rr:
+        return False, "no rerank-on-retrieval figures in the evaluation metrics"
+    k = rr.get("k", 10)
+    gain = rr.get(f"gain_ndcg@{k}")
+    if gain is None:
+        return False, f"the rerank-on-retrieval figures lack gain_ndcg@{k}"
+    ret, rer = rr["retrieval"][f"ndcg@{k}"], rr["rerank"][f"ndcg@{k}"]
+    line = (
+        f"LLM rerank NDCG@{k} {rer:.4f} vs retrieval {ret:.4f} on {rr.get('users')} users "
+        f"(gain {gain:+.4f}, minimum {min_gain})"
+    )
+    return gain >= min_gain, line
 
 
 def _record(d: Decision, ok: bool, line: str) -> None:

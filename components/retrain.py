@@ -156,6 +156,8 @@ def promote_candidate(repo: Path) -> dict:
         "data_version": current_data_version(repo),
         "git_commit": git_commit(repo),
         "base_tag": base_tag,
+        "rerank_default": bool(gate.get("rerank", False)),
+        "rerank_reason": gate.get("rerank_reason", ""),
         "profile": settings.profile,
         "params": settings.model_dump(mode="json", by_alias=True),
     }

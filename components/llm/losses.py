@@ -1,11 +1,17 @@
-"""L = L_lm + a * L_user_item + b * L_id_text (weights and temperature in params.yaml, llm.loss).
+"""L = L_lm + a * L_user_item + b * L_id_text + c * L_distill (weights and temperatures in llm.loss).
 
 L_lm        cross-entropy on the answer (target title + eos) tokens only; the prompt is masked.
-L_user_item InfoNCE: user = last hidden state at the end of the prompt ("Answer:"); positive = the
-            target item's LLM representation (hidden state at the end of " <title>[ITEM]" in stage 2,
-            " <title>" in stage 1); negatives = the other targets of the batch.
-L_id_text   InfoNCE (stage 2): projector(ID embedding of an item) vs the LLM's representation of its title
-            (last hidden state of " <title>", or the mean input embedding of its tokens); in-batch negatives.
+L_user_item InfoNCE between the user (last hidden state of the prompt) and each of the sample's
+            candidates (hidden state at its `[ITEM]` marker), through the score head: a softmax over the
+            prompt's candidates, whose 19 negatives are the hard ones the ranker must separate. Ranking
+            (`llm.rank: head`) reads the same scores.
+L_id_text   InfoNCE (stage 2) between an item's projected ID embedding and the LLM's text representation
+            of its title, both through small projection heads (ScoreHead.id / .text):
+              hidden: the title's last hidden state in the prompt (just before its `[ITEM]`); negatives =
+                      every other item among the batch's candidates (B x 20, not B);
+              input:  the mean input embedding of the title's tokens; negatives = the whole catalogue.
+L_distill   KL(SASRec's softmax over the candidates || the head's), stage 2, training only (SASRec's
+            scores are never used at inference).
 A weight of 0 switches a loss off (it is then not computed at all).
 """
 
@@ -23,66 +29,115 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def info_nce(
     queries: torch.Tensor, keys: torch.Tensor, temperature: float, ids: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """InfoNCE with in-batch negatives: row i of queries [B, H] should match row i of keys [B, H].
+    """InfoNCE: row i of queries [B, H] should match row i of keys [M >= B, H] (rows B.. are negatives only).
 
-    Cosine similarity / temperature. When `ids` [B] is given, other rows with the same id (the same
-    item twice in a batch) are not used as negatives.
+    Cosine similarity / temperature. When `ids` [M] is given, other rows with the same id (the same
+    item twice) are not used as negatives.
     """
     q = F.normalize(queries.float(), dim=-1)
     k = F.normalize(keys.float(), dim=-1)
-    sim = q @ k.T / temperature  # [B, B]
+    sim = q @ k.T / temperature  # [B, M]
     if ids is not None:
-        same = ids[:, None] == ids[None, :]
-        same.fill_diagonal_(False)
+        same = ids[: len(q), None] == ids[None, :]
+        same[torch.arange(len(q)), torch.arange(len(q))] = False
         sim = sim.masked_fill(same, float("-inf"))
     return F.cross_entropy(sim, torch.arange(len(q), device=q.device))
 
 
-def combine(
-    l_lm: torch.Tensor, l_user_item: torch.Tensor, l_id_text: torch.Tensor, a: float, b: float
-) -> torch.Tensor:
-    """L = L_lm + a * L_user_item + b * L_id_text."""
-    return l_lm + a * l_user_item + b * l_id_text
+@torch.no_grad()
+def mean_offdiag_cosine(x: torch.Tensor) -> float:
+    """Mean cosine similarity between different rows of x [N, d] (1.0 = all parallel)."""
+    if len(x) < 2:
+        return float("nan")
+    z = F.normalize(x.float(), dim=-1)
+    sim = z @ z.T
+    n = len(z)
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student)), mean over the batch. Both [B, C]."""
+    target = F.softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(student.float(), dim=-1), target, reduction="batchmean")
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    """x minus its mean row: the calibrated projector puts every ID near the mean token embedding, so the
+    raw reps are nearly parallel (mean cosine 0.99 measured) and cosine InfoNCE sees no difference."""
+    return x - x.mean(0, keepdim=True)
+
+
+def id_text_pairs(model, batch: dict, h: torch.Tensor, space: str) -> tuple[torch.Tensor, ...]:
+    """(ID reps [n, d], text reps [m, d], item ids [m]) for L_id_text; rows :n of the text reps pair up
+    with the ID reps, the rest are extra negatives (the catalogue in `input` space)."""
+    rows = torch.arange(len(h), device=h.device)[:, None]
+    at = batch["item_at"][rows, batch["cand_pos"]]  # [B, C]: the item injected at each marker, 0 = cold
+    items = torch.unique(at[at > 0])  # [n] distinct items with an ID
+    if space == "input":  # every catalogue item with an ID: text = mean title input embedding
+        all_items = torch.arange(1, model.title_table.shape[0], device=h.device)
+        rest = all_items[~torch.isin(all_items, items)]
+        keys = torch.cat([items, rest])
+        text = model.head.text(model.title_table[keys].to(model.head.text.weight.dtype))
+        ids_rep = model.head.id(model.project(items).to(model.head.id.weight.dtype))
+        return ids_rep, text, keys
+    mask = at > 0
+    flat_items = at[mask]  # [n]: may repeat (one item in two prompts)
+    text_h = h[rows, (batch["cand_pos"] - 1).clamp_min(0)][mask]  # [n, H]: the title's last token
+    ids_rep = model.head.id(model.project(flat_items).to(model.head.id.weight.dtype))
+    text = model.head.text(text_h.to(model.head.text.weight.dtype))
+    return ids_rep, text, flat_items
 
 
 def batch_losses(
     model,
     batch: dict[str, torch.Tensor],
-    a: float = 0.0,
+    a: float = 1.0,
     b: float = 0.0,
+    c: float = 0.0,
     temperature: float = 0.07,
+    distill_temperature: float = 1.0,
     id_text_space: str = "hidden",
 ) -> dict[str, torch.Tensor]:
-    """All losses of one training batch (see components.llm.train.collate for the batch layout)."""
+    """All losses of one training batch (see components.llm.samples.collate for the batch layout)."""
     ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
-    h = model.hidden(ids, batch["item_at"], batch["attention_mask"])  # [B, T, H]
+    h = model.hidden(
+        ids,
+        batch["item_at"],
+        batch["attention_mask"],
+        user_pos=batch["user_pos"],
+        user_vec=batch.get("user_vec"),
+    )  # [B, T, H]
     # position t predicts token t+1: keep only positions whose next token is part of the answer
     sel = labels[:, 1:] != -100  # [B, T-1]
     l_lm = lm_loss(model.logits(h[:, :-1][sel]), labels[:, 1:][sel])  # logits [n_answer_tokens, V]
     zero = l_lm.new_zeros(())
-    l_ui, l_it = zero, zero
-    rows = torch.arange(len(ids), device=ids.device)
-    if a > 0 or (b > 0 and model.unified):
-        hi = model.hidden(batch["item_input_ids"], batch["item_item_at"], batch["item_attention_mask"])
-        if a > 0:
-            user = h[rows, batch["prompt_end"]]  # [B, H]
-            item = hi[rows, batch["item_rep_pos"]]  # [B, H]
-            l_ui = info_nce(user, item, temperature, batch["target"])
-        has_id = batch["item_has_id"]  # [B] bool
-        if b > 0 and model.unified and bool(has_id.any()):
-            if id_text_space == "input":
-                tok = model.causal_lm.get_input_embeddings()(batch["item_input_ids"])  # [B, Ti, H]
-                title_mask = batch["item_title_mask"].unsqueeze(-1).to(tok.dtype)  # [B, Ti, 1]
-                text = (tok * title_mask).sum(1) / title_mask.sum(1)  # [B, H]
-            else:
-                text = hi[rows, batch["item_text_pos"]]  # [B, H]: before [ITEM], so text only
-            proj = model.project(batch["target"][has_id])  # [B', H]
-            l_it = info_nce(proj, text[has_id], temperature, batch["target"][has_id])
-    loss = combine(l_lm, l_ui, l_it, a, b)
+    l_ui, l_it, l_kd = zero, zero, zero
+    diag = {"id_text_negatives": zero, "cos_id": zero, "cos_text": zero}
+    scores = None
+    if a > 0 or c > 0:
+        scores = model.head_scores(h, batch["prompt_end"], batch["cand_pos"])  # [B, C]
+    if a > 0:
+        l_ui = F.cross_entropy(scores, batch["target_col"])
+    if c > 0 and model.unified and "user_vec" in batch:
+        teacher = torch.einsum("bd,bcd->bc", batch["user_vec"], model.item_table[batch["cand_items"]])
+        l_kd = distill_loss(scores, teacher, distill_temperature)
+    if b > 0 and model.unified and bool((batch["item_at"] > 0).any()):
+        id_rep, text_rep, keys = id_text_pairs(model, batch, h, id_text_space)
+        if len(id_rep) > 1:
+            l_it = info_nce(_centred(id_rep), _centred(text_rep), temperature, keys)
+            n_neg = float((keys[: len(id_rep), None] != keys[None, :]).sum(1).float().mean())
+            diag = {
+                "id_text_negatives": l_lm.new_tensor(n_neg),
+                "cos_id": l_lm.new_tensor(mean_offdiag_cosine(id_rep)),
+                "cos_text": l_lm.new_tensor(mean_offdiag_cosine(text_rep[: len(id_rep)])),
+            }
+    loss = l_lm + a * l_ui + b * l_it + c * l_kd
     return {
         "loss": loss,
         "lm": l_lm.detach(),
         "user_item": l_ui.detach(),
         "id_text": l_it.detach(),
+        "distill": l_kd.detach(),
         "answer_tokens": sel.sum().detach(),
+        **diag,
     }

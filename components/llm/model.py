@@ -55,6 +55,57 @@ def calibrate_projector(
     return scale
 
 
+class ScoreHead(nn.Module):
+    """The ranker's two small projection heads: score(user, c) = <W_u h_user, W_i h_c> / sqrt(dim).
+
+    h_user = the last hidden state of the prompt, h_c = the hidden state at candidate c's `[ITEM]` marker.
+    Trained with a softmax over each prompt's candidates (L_user_item); ranking reads the same scores.
+    `id` and `text` project an item's ID embedding and its title's hidden state for L_id_text.
+    """
+
+    def __init__(self, hidden: int, dim: int = 256):
+        super().__init__()
+        self.hidden, self.dim = hidden, dim
+        self.user = nn.Linear(hidden, dim)
+        self.item = nn.Linear(hidden, dim)
+        self.id = nn.Linear(hidden, dim)
+        self.text = nn.Linear(hidden, dim)
+
+    def forward(self, h_user: torch.Tensor, h_cand: torch.Tensor) -> torch.Tensor:
+        """h_user [B, H], h_cand [B, C, H] -> scores [B, C] (float32)."""
+        u = self.user(h_user.to(self.user.weight.dtype))  # [B, d]
+        c = self.item(h_cand.to(self.item.weight.dtype))  # [B, C, d]
+        return torch.einsum("bd,bcd->bc", u, c).float() / self.dim**0.5
+
+    def config(self) -> dict:
+        return {"hidden": self.hidden, "dim": self.dim}
+
+
+def save_head(head: ScoreHead, path: Path) -> None:
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
+        str(path),
+        metadata={k: str(v) for k, v in head.config().items()},
+    )
+
+
+def load_head(path: Path) -> ScoreHead:
+    """Inverse of save_head."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: score head weights not found")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    try:
+        head = ScoreHead(int(meta["hidden"]), int(meta["dim"]))
+    except KeyError as e:
+        raise ModelError(f"{path}: metadata lacks {e} (not a score head file)") from None
+    head.load_state_dict(load_file(str(path)))
+    return head
+
+
 def save_projector(projector: Projector, path: Path) -> None:
     """Projector weights as safetensors; its sizes ride along in the file's metadata."""
     meta = {k: str(v) for k, v in projector.config().items()}
@@ -135,10 +186,19 @@ class RsllmModel(nn.Module):
     never injects anything.
     """
 
-    def __init__(self, llm, projector: Projector | None = None, item_table: torch.Tensor | None = None):
+    def __init__(
+        self,
+        llm,
+        projector: Projector | None = None,
+        item_table: torch.Tensor | None = None,
+        head: ScoreHead | None = None,
+        user_projector: Projector | None = None,
+    ):
         super().__init__()
         self.llm = llm
         self.projector = projector
+        self.head = head
+        self.user_projector = user_projector  # SASRec user vector -> the `[USER]` placeholder
         if projector is not None and item_table is None:
             raise ModelError("a unified model needs the SASRec item table")
         self.register_buffer(
@@ -157,17 +217,25 @@ class RsllmModel(nn.Module):
     def project(self, items: torch.Tensor) -> torch.Tensor:  # [N] item_idx -> [N, H]
         return self.projector(self.item_table[items])
 
-    def embed(self, input_ids: torch.Tensor, item_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [B, T, H] with placeholders replaced by projected ID embeddings."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        item_at: torch.Tensor | None = None,
+        user_pos: torch.Tensor | None = None,
+        user_vec: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, H] with placeholders replaced by projected ID embeddings, and (with a
+        user projector) position user_pos[b] (-1: none) by user_projector(user_vec[b]) ([B, D])."""
         emb = self.causal_lm.get_input_embeddings()(input_ids)  # [B, T, H]
-        if not self.unified or item_at is None:
-            return emb
-        mask = item_at > 0  # [B, T]
-        if not bool(mask.any()):
-            return emb
-        injected = self.project(item_at[mask]).to(emb.dtype)  # [n_placeholders, H]
-        emb = emb.clone()
-        emb[mask] = injected
+        if self.unified and item_at is not None and bool((item_at > 0).any()):
+            mask = item_at > 0  # [B, T]
+            emb = emb.clone()
+            emb[mask] = self.project(item_at[mask]).to(emb.dtype)  # [n_placeholders, H]
+        if self.user_projector is not None and user_pos is not None and bool((user_pos >= 0).any()):
+            rows = torch.nonzero(user_pos >= 0).squeeze(-1)  # [B']
+            emb = emb.clone()
+            vec = user_vec[rows].to(self.user_projector.net[0].weight.dtype)  # [B', D]
+            emb[rows, user_pos[rows]] = self.user_projector(vec).to(emb.dtype)
         return emb
 
     def hidden(
@@ -176,11 +244,13 @@ class RsllmModel(nn.Module):
         item_at: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        user_pos: torch.Tensor | None = None,
+        user_vec: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last-layer hidden states [B, T, H]; attention_mask may be [B, T] or a 4D [B, 1, T, T] mask."""
         decoder = self.causal_lm.get_decoder()
         out = decoder(
-            inputs_embeds=self.embed(input_ids, item_at),
+            inputs_embeds=self.embed(input_ids, item_at, user_pos, user_vec),
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
@@ -190,6 +260,11 @@ class RsllmModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [.., H] -> [.., V]
         """LM head on selected hidden states only (logits are computed where needed)."""
         return self.causal_lm.get_output_embeddings()(hidden)
+
+    def head_scores(self, h: torch.Tensor, prompt_end: torch.Tensor, cand_pos: torch.Tensor) -> torch.Tensor:
+        """Head scores [B, C] from hidden states h [B, T, H]: the prompt's last position vs each marker."""
+        rows = torch.arange(len(h), device=h.device)
+        return self.head(h[rows, prompt_end], h[rows[:, None], cand_pos])
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
         """Training losses for one batch (see components.llm.losses); `forward` so that DDP syncs grads."""

@@ -16,6 +16,14 @@ placeholder token `[ITEM]` whose input embedding is replaced by projector(SASRec
 An item without an ID embedding (cold start: item_idx 0 or above the SASRec table) is its title alone.
 The answer (training target, and what ranking scores) is " <title>" followed by the tokenizer's eos.
 
+Format 2 (every model trained since the head ranker, `marked=True`): every candidate is followed by an
+`[ITEM]` marker whatever its mode (text-only, cold: the marker's own token embedding; unified with an ID:
+the projected ID embedding), the head reads each candidate at its marker, and the candidates are listed
+in a canonical order (title, then item_idx), so the prompt depends on the candidate *set*, never on the
+order a caller passes (retrieval order must not leak SASRec's rank). With `user_token`, one `[USER]`
+placeholder after "This user" carries user_projector(SASRec user vector). `titles=False` renders items
+as their `[ITEM]` alone (the IDs-only ablation). Format 1 (older bundles) is rendered exactly as before.
+
 Prompts are built piecewise from cached per-title token ids (each title is tokenised once), so the ids
 of a title are the same in the history, in the candidates, in the target and in ranking.
 """
@@ -42,6 +50,8 @@ class Prompt:
     item_pos: list[int] = field(default_factory=list)  # positions of `[ITEM]` tokens in ids
     item_idx: list[int] = field(default_factory=list)  # the item each placeholder stands for (same order)
     history: list[int] = field(default_factory=list)  # the history items actually rendered (after trimming)
+    cand_pos: list[int] = field(default_factory=list)  # format 2: each candidate's marker, in the GIVEN order
+    user_pos: int | None = None  # format 2 with user_token: the `[USER]` placeholder
 
 
 class PromptBuilder:
@@ -63,6 +73,9 @@ class PromptBuilder:
         n_id_items: int = 0,
         max_prompt_tokens: int | None = None,
         cold_items: Sequence[int] = (),
+        marked: bool = False,
+        user_token: bool = False,
+        titles_in_prompt: bool = True,
     ):
         self.tok = tokenizer
         self.titles = list(titles)
@@ -70,6 +83,9 @@ class PromptBuilder:
         self.n_id_items = n_id_items
         self.cold_items = frozenset(int(i) for i in cold_items)  # within 1..n_id_items but without an ID
         self.max_prompt_tokens = max_prompt_tokens
+        self.marked = marked  # format 2: a marker after every candidate, canonical candidate order
+        self.user_token = user_token and marked
+        self.titles_in_prompt = titles_in_prompt
         self.item_token_id = tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
         self.eos_id = tokenizer.eos_token_id
         self._cache: dict[int, list[int]] = {}
@@ -110,22 +126,35 @@ class PromptBuilder:
             return ids, text_pos, len(ids) - 1
         return ids, text_pos, None
 
+    def canonical(self, candidates: Sequence[int]) -> list[int]:
+        """The order candidates are listed in a format-2 prompt: by title (case-folded), then item_idx."""
+        return sorted(candidates, key=lambda i: (str(self.titles[i]).strip().casefold(), i))
+
     def _render(self, history: Sequence[int], candidates: Sequence[int]) -> Prompt:
         p = Prompt(ids=list(self._head), history=list(history))
+        if self.user_token:  # "This user[USER] has watched:" (the head's first token is "This user")
+            p.ids = self._encode("This user") + [self.item_token_id] + self._encode(" has watched:")
+            p.user_pos = len(self._encode("This user"))
+        marker_at: dict[int, int] = {}
 
-        def add_items(items: Sequence[int]) -> None:
+        def add_items(items: Sequence[int], mark: bool) -> None:
             for k, item in enumerate(items):
-                p.ids += self.title_ids(item)
+                if self.titles_in_prompt or not self.has_id(item):
+                    p.ids += self.title_ids(item)
                 if self.has_id(item):
                     p.item_pos.append(len(p.ids))
                     p.item_idx.append(int(item))
+                if self.has_id(item) or mark:
+                    marker_at[int(item)] = len(p.ids)
                     p.ids.append(self.item_token_id)
                 p.ids += self._sep if k < len(items) - 1 else self._end
 
-        add_items(history)
+        add_items(history, mark=False)
         p.ids += self._cands_head
-        add_items(candidates)
+        add_items(self.canonical(candidates) if self.marked else candidates, mark=self.marked)
         p.ids += self._question
+        if self.marked:
+            p.cand_pos = [marker_at[int(c)] for c in candidates]
         return p
 
     def prompt(self, history: Sequence[int], candidates: Sequence[int]) -> Prompt:

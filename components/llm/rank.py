@@ -1,11 +1,17 @@
 """Candidate ranking and generation mode.
 
-Ranking: each candidate's score is the mean log-probability of its answer tokens (" <title>" + eos) after
-the prompt (length-normalised log-likelihood).  All candidates of a user are scored in ONE forward: the
-prompt followed by every candidate's answer tokens, with a block attention mask (a candidate's tokens
-see the prompt and themselves only) and position ids that restart at the end of the prompt for each
-candidate.  The LM head runs only on the positions that predict an answer token.  Every answer is a
-candidate, so ValidRatio is 1 in this mode.
+Head ranking (`rank: head`, models trained since prompt format 2): ONE causal forward of the prompt alone;
+score(c) = ScoreHead(h at the prompt's end, h at candidate c's `[ITEM]` marker). The prompt lists the
+candidates in a canonical order (components.llm.prompts), so a candidate's score does not depend on the
+order it was passed in, and a cold candidate (no ID embedding) is read at its marker too: one scale.
+
+Likelihood ranking (`rank: likelihood`, and every older bundle): each candidate's score is the mean
+log-probability of its answer tokens (" <title>" + eos) after the prompt (length-normalised
+log-likelihood).  All candidates of a user are scored in ONE forward: the prompt followed by every
+candidate's answer tokens, with a block attention mask (a candidate's tokens see the prompt and
+themselves only) and position ids that restart at the end of the prompt for each candidate.  The LM
+head runs only on the positions that predict an answer token.  Every answer is a candidate, so
+ValidRatio is 1 in both modes.
 
 Generation: greedy decoding after the prompt; the text is mapped back to a candidate by exact title
 (ValidRatio = share of users whose text is a candidate's title), as LLaRA reports it.
@@ -69,9 +75,51 @@ def block_inputs(prompt: Prompt, answers: Sequence[list[int]]) -> dict:
     }
 
 
+def _user_inputs(prompts: Sequence[Prompt], user_vecs: torch.Tensor | None, device) -> dict:
+    if user_vecs is None or all(p.user_pos is None for p in prompts):
+        return {}
+    pos = torch.tensor([-1 if p.user_pos is None else p.user_pos for p in prompts], device=device)
+    return {"user_pos": pos, "user_vec": user_vecs.to(device)}
+
+
+@torch.inference_mode()
+def score_head(
+    model: RsllmModel, prompts: Sequence[Prompt], user_vecs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Head scores of every candidate, one prompt-only forward for a batch of users.
+
+    prompts: B format-2 prompts (cand_pos set); user_vecs [B, D] for `[USER]`. Returns [B, C] float32
+    (-inf beyond a prompt's candidates), columns in each prompt's given candidate order."""
+    if model.head is None:
+        raise ModelError("this model has no score head (trained before prompt format 2): rank by likelihood")
+    device = model.item_table.device
+    n_b, width = len(prompts), max(len(p.ids) for p in prompts)
+    n_c = max(len(p.cand_pos) for p in prompts)
+    ids = torch.zeros(n_b, width, dtype=torch.long)
+    item_at = torch.zeros(n_b, width, dtype=torch.long)
+    attn = torch.zeros(n_b, width, dtype=torch.long)
+    cand_pos = torch.zeros(n_b, n_c, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p.ids)] = torch.tensor(p.ids)
+        item_at[b, : len(p.ids)] = torch.tensor(_item_at(p, len(p.ids)))
+        attn[b, : len(p.ids)] = 1
+        cand_pos[b, : len(p.cand_pos)] = torch.tensor(p.cand_pos)
+    end = torch.tensor([len(p.ids) - 1 for p in prompts])
+    h = model.hidden(
+        ids.to(device), item_at.to(device), attn.to(device), **_user_inputs(prompts, user_vecs, device)
+    )  # [B, T, H]
+    scores = model.head_scores(h, end.to(device), cand_pos.to(device)).float().cpu()  # [B, C]
+    for b, p in enumerate(prompts):
+        scores[b, len(p.cand_pos) :] = float("-inf")
+    return scores
+
+
 @torch.inference_mode()
 def score_block(
-    model: RsllmModel, prompts: Sequence[Prompt], answers: Sequence[Sequence[list[int]]]
+    model: RsllmModel,
+    prompts: Sequence[Prompt],
+    answers: Sequence[Sequence[list[int]]],
+    user_vecs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Length-normalised log-likelihood of every candidate answer, one forward for a batch of users.
 
@@ -95,7 +143,8 @@ def score_block(
     dtype = model.causal_lm.get_input_embeddings().weight.dtype
     mask = torch.zeros(n_b, 1, width, width, dtype=dtype)  # additive: 0 = attend, min = masked (eager + sdpa)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    h = model.hidden(ids.to(device), item_at.to(device), mask.to(device), pos.to(device))  # [B, S, H]
+    user = _user_inputs(prompts, user_vecs, device)
+    h = model.hidden(ids.to(device), item_at.to(device), mask.to(device), pos.to(device), **user)  # [B, S, H]
     n_c = max(len(a) for a in answers)
     scores = torch.full((n_b, n_c), float("-inf"))
     for b, k in enumerate(packs):
@@ -126,13 +175,19 @@ def score_brute_force(model: RsllmModel, prompt: Prompt, answers: Sequence[list[
 
 @torch.inference_mode()
 def generate(
-    model: RsllmModel, prompt: Prompt, max_new_tokens: int, eos_id: int, banned: Sequence[int] = ()
+    model: RsllmModel,
+    prompt: Prompt,
+    max_new_tokens: int,
+    eos_id: int,
+    banned: Sequence[int] = (),
+    user_vec: torch.Tensor | None = None,
 ) -> list[int]:
     """Greedy decoding after the prompt (KV cache); `banned` tokens (e.g. `[ITEM]`) are never produced."""
     lm = model.causal_lm
     device = model.item_table.device
     ids = torch.tensor([prompt.ids], device=device)
-    embeds = model.embed(ids, torch.tensor([_item_at(prompt, len(prompt.ids))], device=device))
+    user = _user_inputs([prompt], None if user_vec is None else user_vec[None], device)
+    embeds = model.embed(ids, torch.tensor([_item_at(prompt, len(prompt.ids))], device=device), **user)
     out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
     cache, new = out.cache, []
     for _ in range(max_new_tokens):
@@ -165,21 +220,49 @@ def map_to_candidate(text: str, candidates: Sequence[int], titles: Sequence[str]
 # ------------------------------------------------------------------------------------------- loading
 
 
-def load_ranker(base_dir: Path, stage_dir: Path | None = None, device: str = "auto"):
-    """The base LLM (zero-shot, text-only) or a trained stage, LoRA merged for inference.
+class UserEncoder:
+    """SASRec's user vector after a prefix of item indexes (the copy a `[USER]` model carries)."""
 
-    Returns (model, tokenizer, config): config has mode ("text" | "unified"), history_len,
-    max_prompt_tokens, n_id_items.
+    def __init__(self, sasrec_dir: Path):
+        from components.recommender import load_sasrec
+
+        self.model, self.cfg = load_sasrec(sasrec_dir)
+
+    @torch.inference_mode()
+    def __call__(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:  # -> [B, D]
+        from components.recommender import pad_left
+
+        return self.model.user_vector(torch.from_numpy(pad_left(list(prefixes), self.cfg.max_len))).float()
+
+
+LEGACY = {"prompt_format": 1, "rank": "likelihood", "user_token": False, "prompt_titles": True}
+
+
+def load_ranker(
+    base_dir: Path,
+    stage_dir: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    rank: str | None = None,
+):
+    """The base LLM (zero-shot, text-only) or a trained stage, LoRA merged for inference, in `dtype`
+    (auto: components.llm.base.llm_dtype, as the service).
+
+    Returns (model, tokenizer, config): config has mode ("text" | "unified"), rank ("head" |
+    "likelihood"), prompt_format, user_token, prompt_titles, history_len, max_prompt_tokens, n_id_items,
+    cold_items, and `user_encoder` (UserEncoder or None). A folder without prompt_format is a bundle from
+    before the head ranker: format 1, likelihood ranking. `rank` overrides the stored ranking mode (the
+    ablation scores one format-2 model both ways).
     """
     from safetensors.torch import load_file
 
-    from components.llm.base import load_base
-    from components.llm.model import load_lora, load_projector
+    from components.llm.base import llm_dtype, load_base
+    from components.llm.model import load_head, load_lora, load_projector
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    base, tok = load_base(base_dir, dtype=dtype)
+    dtype = llm_dtype(dtype, device)
+    base, tok = load_base(base_dir, dtype=torch.float32)
     cfg = {
         "mode": "text",
         "history_len": None,
@@ -187,20 +270,69 @@ def load_ranker(base_dir: Path, stage_dir: Path | None = None, device: str = "au
         "n_id_items": 0,
         "stage": 0,
         "cold_items": [],
+        **LEGACY,
     }
-    projector, table = None, None
+    projector, table, head, user_projector = None, None, None, None
     if stage_dir is not None:
         stage_dir = Path(stage_dir)
         if not (stage_dir / "config.json").exists():
             raise ModelError(f"{stage_dir}: no trained stage (config.json missing)")
-        cfg.update({k: v for k, v in json.loads((stage_dir / "config.json").read_text()).items() if k in cfg})
+        stored = json.loads((stage_dir / "config.json").read_text())
+        cfg.update({k: v for k, v in stored.items() if k in cfg})
         base = load_lora(base, stage_dir / "adapter", trainable=False).merge_and_unload()
         if cfg["mode"] == "unified":
             projector = load_projector(stage_dir / "projector.safetensors")
             table = load_file(str(stage_dir / "item_embeddings.safetensors"))["item_embeddings"]
-    model = RsllmModel(base, projector, table).to(device)
+        if cfg["prompt_format"] >= 2:
+            head = load_head(stage_dir / "head.safetensors")
+        if cfg["user_token"]:
+            user_projector = load_projector(stage_dir / "user_projector.safetensors")
+    model = RsllmModel(base, projector, table, head, user_projector).to(device)
+    model.to(getattr(torch, dtype))
     model.eval()
+    if rank is not None:
+        if rank == "head" and head is None:
+            raise ModelError(f"{stage_dir}: no score head (prompt format 1): it ranks by likelihood only")
+        cfg["rank"] = rank
+    cfg["dtype"] = dtype
+    cfg["user_encoder"] = UserEncoder(stage_dir / "sasrec") if cfg["user_token"] else None
     return model, tok, cfg
+
+
+def make_builder(tok, titles: Sequence[str], cfg: dict, cold_items: Sequence[int] = ()) -> PromptBuilder:
+    """The prompt builder a loaded ranker was trained with (load_ranker's config)."""
+    return PromptBuilder(
+        tok,
+        titles,
+        unified=cfg["mode"] == "unified",
+        n_id_items=cfg["n_id_items"],
+        cold_items=[*cfg["cold_items"], *cold_items],
+        max_prompt_tokens=cfg["max_prompt_tokens"],
+        marked=cfg["prompt_format"] >= 2,
+        user_token=cfg["user_token"],
+        titles_in_prompt=cfg["prompt_titles"],
+    )
+
+
+def score_users(
+    model: RsllmModel,
+    builder: PromptBuilder,
+    cfg: dict,
+    histories: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[int]],
+    prefixes: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, list[Prompt], list]:
+    """Scores [B, C] of a batch of users' candidates, in the model's ranking mode (cfg["rank"]).
+
+    histories: the prompt's history (already cut to history_len); prefixes: what SASRec's user vector
+    reads for `[USER]` (default: the history). Returns (scores, prompts, answers or None)."""
+    prompts = [builder.prompt(h, c) for h, c in zip(histories, candidates, strict=True)]
+    enc = cfg.get("user_encoder")
+    vecs = enc(prefixes if prefixes is not None else histories) if enc is not None else None
+    if cfg["rank"] == "head":
+        return score_head(model, prompts, vecs), prompts, None
+    answers = [[builder.answer_ids(int(c)) for c in cands] for cands in candidates]
+    return score_block(model, prompts, answers, vecs), prompts, answers
 
 
 def rank_users(
@@ -209,18 +341,22 @@ def rank_users(
     rows: pd.DataFrame,
     *,
     history_len: int,
+    cfg: dict | None = None,
     batch_users: int = 1,
     generation: bool = False,
     max_new_tokens: int = 32,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Score (and optionally decode) every row of valid/test.parquet (user_idx, history, target, candidates).
+    """Score (and optionally decode) every row of valid/test.parquet (user_idx, history, target, candidates;
+    `prefix` when the model has a `[USER]` token). A target outside its candidates gets target_col -1.
 
+    cfg: load_ranker's config (ranking mode, user encoder); None = likelihood ranking, no `[USER]`.
     Returns one row per user: user_idx, target, candidates (list), scores (list, same order), target_col,
     seconds; with generation also: generated (text), predicted (item_idx or 0), valid (bool).
     """
     from rich.progress import Progress
 
+    cfg = cfg or {**LEGACY, "user_encoder": None}
     titles = builder.titles
     records = []
     todo = rows.reset_index(drop=True)
@@ -229,29 +365,30 @@ def rank_users(
         for start in range(0, len(todo), batch_users):
             chunk = todo.iloc[start : start + batch_users]
             t0 = time.perf_counter()
-            prompts, answers = [], []
-            for r in chunk.itertuples():
-                hist = [int(i) for i in r.history if int(i) > 0][-history_len:]
-                prompts.append(builder.prompt(hist, [int(c) for c in r.candidates]))
-                answers.append([builder.answer_ids(int(c)) for c in r.candidates])
-            scores = score_block(model, prompts, answers).numpy()
+            hists = [[int(i) for i in r.history if int(i) > 0][-history_len:] for r in chunk.itertuples()]
+            cands_all = [[int(c) for c in r.candidates] for r in chunk.itertuples()]
+            prefixes = [list(r) for r in chunk["prefix"]] if "prefix" in chunk else None
+            scores, prompts, _ = score_users(model, builder, cfg, hists, cands_all, prefixes)
+            scores = scores.numpy()
             per_user = (time.perf_counter() - t0) / len(chunk)
             for b, r in enumerate(chunk.itertuples()):
-                cands = [int(c) for c in r.candidates]
+                cands = cands_all[b]
                 rec = {
                     "user_idx": int(r.user_idx),
                     "target": int(r.target),
                     "candidates": cands,
                     "scores": scores[b, : len(cands)].tolist(),
-                    "target_col": cands.index(int(r.target)),
+                    "target_col": cands.index(int(r.target)) if int(r.target) in cands else -1,
                     "seconds": per_user,
                 }
                 if generation:
                     t1 = time.perf_counter()
                     # a text longer than every candidate title cannot be one: stop there
-                    longest = max(len(a) for a in answers[b]) + 1
+                    longest = max(len(builder.answer_ids(c)) for c in cands) + 1
                     limit = min(max_new_tokens, longest)
-                    gen = generate(model, prompts[b], limit, builder.eos_id, [builder.item_token_id])
+                    enc = cfg.get("user_encoder")
+                    vec = enc([prefixes[b] if prefixes else hists[b]])[0] if enc is not None else None
+                    gen = generate(model, prompts[b], limit, builder.eos_id, [builder.item_token_id], vec)
                     text = builder.tok.decode(gen, skip_special_tokens=True)
                     pred = map_to_candidate(text, cands, titles)
                     rec.update(
@@ -267,6 +404,16 @@ def rank_users(
     return pd.DataFrame.from_records(records)
 
 
+def with_prefixes(rows: pd.DataFrame, prepared: Path, split: str) -> pd.DataFrame:
+    """rows + `prefix`: every item of the user's sequence before the split's target (SASRec's input)."""
+    seqs = pd.read_parquet(Path(prepared) / "sequences.parquet")
+    by_user = {int(u): list(s) for u, s in zip(seqs["user_idx"], seqs["items"], strict=True)}
+    cut = 1 if split == "test" else 2
+    rows = rows.copy()
+    rows["prefix"] = [by_user[int(u)][:-cut] for u in rows["user_idx"]]
+    return rows
+
+
 def evaluate_split(
     base_dir: Path,
     stage_dir: Path | None,
@@ -278,32 +425,32 @@ def evaluate_split(
     batch_users: int = 1,
     max_new_tokens: int = 32,
     device: str = "auto",
+    dtype: str = "auto",
     progress: bool = False,
+    rows: pd.DataFrame | None = None,
+    rank: str | None = None,
 ) -> pd.DataFrame:
     """Per-user ranking (and generation for the first `generation_users`) of one LLM on valid/test.
 
-    Users: the first `users` rows of the split ordered by user_idx (the same users for every model).
-    Columns as rank_users; generation columns are NaN for users not decoded.
+    Users: the first `users` rows of the split ordered by user_idx (the same users for every model), or
+    `rows` (same columns) when given. Columns as rank_users; generation columns are NaN for users not
+    decoded.
     """
     from components.llm.samples import read_titles
 
     path = Path(prepared) / f"{split}.parquet"
-    if not path.exists():
-        raise ModelError(f"{path}: not found; run `rsllm prepare` first")
-    rows = pd.read_parquet(path).sort_values("user_idx", kind="stable")
-    if users:
-        rows = rows.head(users)
-    model, tok, cfg = load_ranker(base_dir, stage_dir, device)
+    if rows is None:
+        if not path.exists():
+            raise ModelError(f"{path}: not found; run `rsllm prepare` first")
+        rows = pd.read_parquet(path).sort_values("user_idx", kind="stable")
+        if users:
+            rows = rows.head(users)
+    model, tok, cfg = load_ranker(base_dir, stage_dir, device, dtype, rank)
+    if cfg["user_token"] and "prefix" not in rows:
+        rows = with_prefixes(rows, prepared, split)
     hist_len = cfg["history_len"] or int(max(len(h) for h in rows["history"]))
-    builder = PromptBuilder(
-        tok,
-        read_titles(prepared),
-        unified=cfg["mode"] == "unified",
-        n_id_items=cfg["n_id_items"],
-        cold_items=cfg["cold_items"],
-        max_prompt_tokens=cfg["max_prompt_tokens"],
-    )
-    kw = {"history_len": hist_len, "batch_users": batch_users, "progress": progress}
+    builder = make_builder(tok, read_titles(prepared), cfg)
+    kw = {"cfg": cfg, "history_len": hist_len, "batch_users": batch_users, "progress": progress}
     parts = [
         rank_users(
             model, builder, rows.head(generation_users), generation=True, max_new_tokens=max_new_tokens, **kw

@@ -24,6 +24,7 @@ class Sample:
     history: list[int]
     target: int
     candidates: list[int]
+    prefix: tuple[int, ...] = ()  # every item before the target (SASRec's input for the user vector)
 
 
 def read_titles(prepared: Path) -> list[str]:
@@ -68,8 +69,25 @@ def training_samples(
         user, train = trains[k]
         rng = np.random.default_rng([seed, stream, user, t])
         cands = sample_candidates(train[t], set(train), n_items, num_candidates, rng)
-        samples.append(Sample(user, train[max(0, t - history_len) : t], train[t], [int(c) for c in cands]))
+        samples.append(
+            Sample(
+                user, train[max(0, t - history_len) : t], train[t], [int(c) for c in cands], tuple(train[:t])
+            )
+        )
     return samples
+
+
+@torch.no_grad()
+def user_vectors(sasrec_dir: Path, prefixes: list, batch: int = 512) -> torch.Tensor:
+    """SASRec's user vector [N, D] after each prefix (the last max_len items), as the service's encoder."""
+    from components.recommender import load_sasrec, pad_left
+
+    model, cfg = load_sasrec(sasrec_dir)
+    out = [
+        model.user_vector(torch.from_numpy(pad_left(list(prefixes[i : i + batch]), cfg.max_len))).float()
+        for i in range(0, len(prefixes), batch)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, cfg.hidden)
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -77,10 +95,14 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def collate(samples: list[Sample], builder: PromptBuilder) -> dict[str, torch.Tensor]:
-    """Right-padded batch: prompt + answer ids, answer-only labels, placeholders, the target item alone."""
-    ids, labels, item_at, prompt_end = [], [], [], []
-    i_ids, i_item_at, i_title, text_pos, rep_pos, has_id = [], [], [], [], [], []
+def collate(
+    samples: list[Sample], builder: PromptBuilder, user_vec: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch of format-2 prompts + answers (components.llm.prompts, marked=True).
+
+    user_vec [B, D]: SASRec's user vectors of these samples (for `[USER]` and distillation), or None.
+    """
+    ids, labels, item_at, prompt_end, cand_pos, user_pos = [], [], [], [], [], []
     for s in samples:
         p = builder.prompt(s.history, s.candidates)
         answer = builder.answer_ids(s.target)
@@ -91,26 +113,20 @@ def collate(samples: list[Sample], builder: PromptBuilder) -> dict[str, torch.Te
             at[pos] = item
         item_at.append(at)
         prompt_end.append(len(p.ids) - 1)
-        it, tpos, ipos = builder.item_ids(s.target)
-        i_ids.append(it)
-        i_item_at.append([0] * tpos + [0] + ([s.target] if ipos is not None else []))
-        i_title.append([1] * (tpos + 1) + [0] * (len(it) - tpos - 1))
-        text_pos.append(tpos)
-        rep_pos.append(ipos if ipos is not None else tpos)
-        has_id.append(ipos is not None)
+        cand_pos.append(p.cand_pos)
+        user_pos.append(-1 if p.user_pos is None else p.user_pos)
     pad = builder.tok.pad_token_id
-    return {
+    batch = {
         "input_ids": _pad(ids, pad),  # [B, T]
         "attention_mask": _pad([[1] * len(r) for r in ids], 0),  # [B, T]
         "labels": _pad(labels, -100),  # [B, T]
         "item_at": _pad(item_at, 0),  # [B, T]
         "prompt_end": torch.tensor(prompt_end),  # [B]
-        "target": torch.tensor([s.target for s in samples]),  # [B]
-        "item_input_ids": _pad(i_ids, pad),  # [B, Ti]
-        "item_attention_mask": _pad([[1] * len(r) for r in i_ids], 0),  # [B, Ti]
-        "item_item_at": _pad(i_item_at, 0),  # [B, Ti]
-        "item_title_mask": _pad(i_title, 0),  # [B, Ti]
-        "item_text_pos": torch.tensor(text_pos),  # [B]
-        "item_rep_pos": torch.tensor(rep_pos),  # [B]
-        "item_has_id": torch.tensor(has_id),  # [B]
+        "cand_pos": torch.tensor(cand_pos),  # [B, C]: each candidate's marker
+        "cand_items": torch.tensor([s.candidates for s in samples]),  # [B, C]
+        "target_col": torch.tensor([s.candidates.index(s.target) for s in samples]),  # [B]
+        "user_pos": torch.tensor(user_pos),  # [B], -1 = no [USER]
     }
+    if user_vec is not None:
+        batch["user_vec"] = user_vec.float()  # [B, D]
+    return batch

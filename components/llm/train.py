@@ -28,19 +28,24 @@ from safetensors.torch import save_file
 
 from components.errors import ModelError
 from components.io import atomic_dir, write_json_atomic
-from components.llm.base import load_base
+from components.llm.base import llm_dtype, load_base
 from components.llm.checkpoints import latest_checkpoint, load_checkpoint, run_key, save_checkpoint
 from components.llm.model import (
     Projector,
     RsllmModel,
+    ScoreHead,
     add_lora,
     calibrate_projector,
+    load_head,
     load_item_table,
     load_lora,
+    save_head,
     save_projector,
 )
 from components.llm.prompts import PromptBuilder
-from components.llm.samples import collate, read_titles, training_samples
+from components.llm.samples import collate, read_titles, training_samples, user_vectors
+
+PROMPT_FORMAT = 2  # components.llm.prompts: a marker after every candidate, canonical candidate order
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -51,6 +56,19 @@ console = Console(stderr=True, soft_wrap=True)
 def _mean_loss(rows: list[dict]) -> float | None:
     """Mean training loss over some logged steps (None when there are none)."""
     return round(float(np.mean([r["loss"] for r in rows])), 4) if rows else None
+
+
+def _parts_first_last(log: list[dict]) -> dict:
+    """Each loss term and L_id_text's diagnostics: mean over the first and the last tenth of the steps.
+    An InfoNCE that learnt nothing sits at ln(negatives + 1) (`id_text_chance`)."""
+    n = max(1, len(log) // 10)
+    out = {}
+    for k in ("lm", "user_item", "id_text", "distill", "cos_id", "cos_text", "id_text_negatives"):
+        vals = [[r.get(k, 0.0) for r in part] for part in (log[:n], log[-n:])]
+        out[k] = [round(float(np.mean(v)), 4) if v else None for v in vals]
+    neg = out["id_text_negatives"][0] or 0.0
+    out["id_text_chance"] = round(math.log(neg + 1), 4) if neg else None
+    return out
 
 
 def _lr_at(step: int, lr: float, warmup: int, total: int) -> float:
@@ -69,19 +87,43 @@ def build_model(
     item_table: torch.Tensor | None,
     seed: int,
     dtype: torch.dtype,
+    user_vecs: torch.Tensor | None = None,
 ):
-    """Stage 1: base + fresh LoRA.  Stage 2: base + stage 1's LoRA (trainable) + fresh projector."""
+    """Stage 1: base + fresh LoRA + fresh score head.  Stage 2: base + stage 1's LoRA and head (trainable)
+    + fresh projector (+ a fresh user projector with `llm.user_token`, calibrated on `user_vecs`)."""
     base, tok = load_base(base_dir, dtype=dtype)
     lora = llm_settings.lora
+    hidden = base.config.hidden_size
     torch.manual_seed(seed)
     if stage == 1:
-        return RsllmModel(add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules))), tok
+        llm = add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules))
+        return RsllmModel(llm, head=ScoreHead(hidden, llm_settings.head_dim)), tok
     if stage1_dir is None or item_table is None:
         raise ModelError("stage 2 needs stage 1's output folder and the SASRec item embeddings")
     llm = load_lora(base, Path(stage1_dir) / "adapter", trainable=True)
-    projector = Projector(item_table.shape[1], base.config.hidden_size, llm_settings.projector_hidden)
-    calibrate_projector(projector, item_table, base.get_input_embeddings().weight)
-    return RsllmModel(llm, projector, item_table), tok
+    head_path = Path(stage1_dir) / "head.safetensors"
+    head = load_head(head_path) if head_path.exists() else ScoreHead(hidden, llm_settings.head_dim)
+    tokens = base.get_input_embeddings().weight
+    projector = Projector(item_table.shape[1], hidden, llm_settings.projector_hidden)
+    calibrate_projector(projector, item_table, tokens)
+    user_projector = None
+    if llm_settings.user_token:
+        if user_vecs is None:
+            raise ModelError("llm.user_token needs the SASRec model folder (user vectors)")
+        user_projector = Projector(user_vecs.shape[1], hidden, llm_settings.projector_hidden)
+        sample = user_vecs[torch.randperm(len(user_vecs))[:4096]]
+        calibrate_projector(user_projector, torch.cat([sample[:1] * 0, sample]), tokens)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return RsllmModel(llm, projector, item_table, head, user_projector), tok
+
+
+def title_table(model: RsllmModel, builder: PromptBuilder) -> torch.Tensor:
+    """Mean input embedding of each item's title tokens [N + 1, H] (row 0 = zeros): L_id_text `input`."""
+    emb = model.causal_lm.get_input_embeddings().weight.detach()
+    rows = [emb.new_zeros(emb.shape[1])]
+    rows += [emb[builder.title_ids(i)].mean(0) for i in range(1, len(builder.titles))]
+    return torch.stack(rows).float()
 
 
 def train_stage(
@@ -109,9 +151,11 @@ def train_stage(
         raise ModelError("llm.device is 'cuda' but no CUDA device is available")
     if llm_s.threads:
         torch.set_num_threads(llm_s.threads)
+    # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX); fp32 weights on CPU
+    bf16 = llm_dtype(llm_s.dtype, "cuda" if cuda else "cpu") == "bfloat16"
     acc = Accelerator(
         cpu=not cuda,
-        mixed_precision="bf16" if cuda else "no",
+        mixed_precision="bf16" if bf16 else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     rank, world = acc.process_index, acc.num_processes
@@ -124,8 +168,16 @@ def train_stage(
     samples = training_samples(
         sequences, len(titles) - 1, llm_s.history_len, llm_s.train_candidates, st.samples, seed, stream=stage
     )
+    sasrec_dir = (
+        Path(item_table) if isinstance(item_table, str | Path) and Path(item_table).is_dir() else None
+    )
+    user_vecs = None  # SASRec's user vector of each sample ([USER] token and distillation, stage 2)
+    if stage == 2 and (llm_s.user_token or llm_s.loss.distill > 0):
+        if sasrec_dir is None:
+            raise ModelError("llm.user_token / llm.loss.distill need the SASRec model folder as item_table")
+        user_vecs = user_vectors(sasrec_dir, [list(s.prefix) for s in samples])
     model, tok = build_model(
-        stage, llm_s, base_dir, stage1_dir, table, seed, torch.bfloat16 if cuda else torch.float32
+        stage, llm_s, base_dir, stage1_dir, table, seed, torch.bfloat16 if cuda else torch.float32, user_vecs
     )
     builder = PromptBuilder(
         tok,
@@ -133,7 +185,12 @@ def train_stage(
         unified=stage == 2,
         n_id_items=0 if table is None else table.shape[0] - 1,
         max_prompt_tokens=st.max_prompt_tokens,
+        marked=True,
+        user_token=stage == 2 and llm_s.user_token,
+        titles_in_prompt=llm_s.prompt_titles,
     )
+    if stage == 2 and llm_s.loss.id_text_space == "input":
+        model.register_buffer("title_table", title_table(model, builder), persistent=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=st.lr, weight_decay=st.weight_decay)
 
@@ -158,7 +215,9 @@ def train_stage(
     weights = {
         "a": llm_s.loss.user_item,
         "b": llm_s.loss.id_text if stage == 2 else 0.0,
+        "c": llm_s.loss.distill if stage == 2 else 0.0,
         "temperature": llm_s.loss.temperature,
+        "distill_temperature": llm_s.loss.distill_temperature,
         "id_text_space": llm_s.loss.id_text_space,
     }
     model.train()
@@ -170,8 +229,10 @@ def train_stage(
         for g in optimizer.param_groups:
             g["lr"] = _lr_at(step, st.lr, st.warmup_steps, total)
         torch.manual_seed(seed * 1_000_003 + step * 101 + rank)  # dropout: same on a resumed run
-        rows = [samples[i] for i in batches[step][rank::world].tolist()]
-        batch = {k: v.to(acc.device) for k, v in collate(rows, builder).items()}
+        picked = batches[step][rank::world]
+        rows = [samples[i] for i in picked.tolist()]
+        vecs = None if user_vecs is None else user_vecs[torch.from_numpy(picked)]
+        batch = {k: v.to(acc.device) for k, v in collate(rows, builder, vecs).items()}
         with acc.autocast():
             out = model(batch, weights)
         acc.backward(out["loss"])
@@ -179,7 +240,8 @@ def train_stage(
             acc.clip_grad_norm_(trainable, st.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        parts = torch.stack([out["loss"].detach(), out["lm"], out["user_item"], out["id_text"]]).float()
+        names = ("loss", "lm", "user_item", "id_text", "distill", "id_text_negatives", "cos_id", "cos_text")
+        parts = torch.stack([out[n].detach().float() for n in names])
         parts = acc.reduce(parts, reduction="mean").tolist()
         seconds = time.perf_counter() - t0
         elapsed += seconds
@@ -191,6 +253,10 @@ def train_stage(
                 "lm": round(parts[1], 5),
                 "user_item": round(parts[2], 5),
                 "id_text": round(parts[3], 5),
+                "distill": round(parts[4], 5),
+                "id_text_negatives": round(parts[5], 1),
+                "cos_id": round(parts[6], 4),
+                "cos_text": round(parts[7], 4),
                 "seconds": round(seconds, 3),
                 "samples": len(batches[step]),
                 "tokens": int(batch["attention_mask"].sum()) * world,
@@ -199,7 +265,7 @@ def train_stage(
         if acc.is_main_process and ((step + 1) % st.log_every == 0 or step + 1 == total):
             console.print(
                 f"stage {stage} step {step + 1}/{total} loss {parts[0]:.4f} (lm {parts[1]:.4f} "
-                f"ui {parts[2]:.4f} it {parts[3]:.4f}) {seconds:.2f} s/step "
+                f"ui {parts[2]:.4f} it {parts[3]:.4f} kd {parts[4]:.4f}) {seconds:.2f} s/step "
                 f"{len(batches[step]) / seconds:.2f} samples/s",
                 highlight=False,
             )
@@ -240,7 +306,10 @@ def train_stage(
         # single steps are noisy: the mean over the first and the last tenth of the logged steps
         "loss_first_tenth": _mean_loss(log[: max(1, len(log) // 10)]),
         "loss_last_tenth": _mean_loss(log[-max(1, len(log) // 10) :]),
+        "dtype": "bfloat16" if bf16 else "float32",
+        "loss_parts_first_last_tenth": _parts_first_last(log),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "user_item_chance": round(math.log(llm_s.train_candidates), 4),
         "checkpoint_dir": str(ckpt_dir),
         "key": key,
     }
@@ -252,7 +321,7 @@ def train_stage(
         acc.wait_for_everyone()
         return summary
     if acc.is_main_process:
-        write_outputs(out_dir, stage, raw, settings, builder, base_dir, summary, log)
+        write_outputs(out_dir, stage, raw, settings, builder, base_dir, summary, log, sasrec_dir)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing left to resume
     acc.wait_for_everyone()
     return summary
@@ -267,6 +336,7 @@ def write_outputs(
     base_dir: Path,
     summary: dict,
     log: list[dict],
+    sasrec_dir: Path | None = None,
 ) -> None:
     """adapter/ (peft, safetensors), projector + item table (stage 2), config.json, train_log.json."""
     llm_s = settings.llm
@@ -274,6 +344,10 @@ def write_outputs(
         model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True, save_embedding_layers=False)
         config = {
             "stage": stage,
+            "prompt_format": PROMPT_FORMAT,
+            "rank": llm_s.rank,
+            "user_token": model.user_projector is not None,
+            "prompt_titles": builder.titles_in_prompt,
             "mode": "unified" if model.unified else "text",
             "base_dir": str(base_dir),
             "history_len": llm_s.history_len,
@@ -290,6 +364,10 @@ def write_outputs(
                 str(tmp / "item_embeddings.safetensors"),
             )
             config["projector"] = model.projector.config()
+        save_head(model.head, tmp / "head.safetensors")
+        if model.user_projector is not None:
+            save_projector(model.user_projector, tmp / "user_projector.safetensors")
+            shutil.copytree(sasrec_dir, tmp / "sasrec")  # the user vectors' encoder travels with the model
         write_json_atomic(tmp / "config.json", config)
         write_json_atomic(tmp / "train_log.json", log)
 

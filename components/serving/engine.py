@@ -6,8 +6,9 @@ LLM's ID-embedding table); N+1..N+C are catalogue items the model has never seen
 - retrieval: ONNX encoder -> user vector; scores = user_vector @ item_table.T over items 1..N with the
   history masked out. A history with no item known to the encoder falls back to popularity (how often
   an item appears in the sample users' histories and targets, i.e. the prepared test split).
-- rerank:    the LLM scores each candidate title after the unified prompt (components.llm.rank.score_block;
-  cold history items are rendered by title alone), highest mean log-probability first.
+- rerank:    the LLM scores each candidate after the unified prompt (components.llm.rank.score_users:
+  the score head at each candidate's marker, or the title log-likelihood for older bundles; cold items
+  are rendered by title alone), highest score first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from components.errors import ModelError, RequestError
 
@@ -158,62 +158,41 @@ def popularity(sample_users: Path, size: int) -> np.ndarray:
     return counts
 
 
-def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AMX or AVX512-BF16): bf16 is then ~5x faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def llm_dtype(requested: str, device: str) -> str:
-    """auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (RSLLM_LLM_DTYPE overrides)."""
-    if requested not in ("auto", "float32", "bfloat16"):
-        raise ModelError(f"RSLLM_LLM_DTYPE: {requested!r} is not one of auto, float32, bfloat16")
-    if requested != "auto":
-        return requested
-    return "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
-
-
 class Reranker:
-    """The LLM (base + merged LoRA + projector) and its prompt builder over the whole catalogue."""
+    """The LLM (base + merged LoRA + projector + score head) and its prompt builder over the catalogue.
+
+    Scores exactly as the evaluation does (components.llm.rank.score_users, the same dtype rule), in the
+    model's ranking mode: `head` (format-2 models) or `likelihood` (older bundles)."""
 
     def __init__(
         self, base_dir: Path, stage_dir: Path, catalogue: Catalogue, device: str = "auto", dtype: str = "auto"
     ):
-        from components.llm.prompts import PromptBuilder
-        from components.llm.rank import load_ranker
+        from components.llm.rank import load_ranker, make_builder
 
-        self.model, self.tok, cfg = load_ranker(base_dir, stage_dir, device)
-        self.dtype = llm_dtype(dtype, str(self.model.item_table.device))
-        self.model.to(getattr(torch, self.dtype))
-        if cfg["n_id_items"] > catalogue.n_known:
+        self.model, self.tok, self.cfg = load_ranker(base_dir, stage_dir, device, dtype)
+        self.dtype = self.cfg["dtype"]
+        if self.cfg["n_id_items"] > catalogue.n_known:
             raise ModelError(
-                f"{stage_dir}: LLM has {cfg['n_id_items']} ID items, items.parquet {catalogue.n_known}"
+                f"{stage_dir}: LLM has {self.cfg['n_id_items']} ID items, items.parquet {catalogue.n_known}"
             )
-        self.history_len = int(cfg["history_len"] or 10)
-        self.mode = cfg["mode"]
+        self.history_len = int(self.cfg["history_len"] or 10)
+        self.mode = self.cfg["mode"]
+        self.rank_mode = self.cfg["rank"]
+        self.n_known = catalogue.n_known
         self.device = str(self.model.item_table.device)
-        self.builder = PromptBuilder(
-            self.tok,
-            catalogue.titles,
-            unified=cfg["mode"] == "unified",
-            n_id_items=cfg["n_id_items"],
-            max_prompt_tokens=cfg["max_prompt_tokens"],
-        )
+        self.builder = make_builder(self.tok, catalogue.titles, self.cfg)
 
     def job(self, history: list[int], candidates: list[int]) -> tuple:
-        """The prompt and answers of one request (cheap; built before queueing)."""
-        prompt = self.builder.prompt(history[-self.history_len :], candidates)
-        return prompt, [self.builder.answer_ids(c) for c in candidates]
+        """One request's inputs: (prompt history, candidates, SASRec prefix = the known history items)."""
+        return history[-self.history_len :], list(candidates), [i for i in history if i <= self.n_known]
 
     def score_jobs(self, jobs: list[tuple]) -> list[list[float]]:
         """One batched forward for several requests -> each request's candidate scores."""
-        from components.llm.rank import score_block
+        from components.llm.rank import score_users
 
-        scores = score_block(self.model, [j[0] for j in jobs], [j[1] for j in jobs])
-        return [scores[b, : len(j[1])].tolist() for b, j in enumerate(jobs)]
+        hists, cands, prefixes = (list(x) for x in zip(*jobs, strict=True))
+        scores, _, _ = score_users(self.model, self.builder, self.cfg, hists, cands, prefixes)
+        return [scores[b, : len(c)].tolist() for b, c in enumerate(cands)]
 
 
 class Engine:
@@ -283,6 +262,7 @@ class Engine:
             "llm_mode": self.reranker.mode,
             "llm_device": self.reranker.device,
             "llm_dtype": self.reranker.dtype,
+            "llm_rank": self.reranker.rank_mode,
             "history_len": self.reranker.history_len,
             "onnx_providers": self.encoder.providers,
             "load_seconds": self.load_seconds,

@@ -43,14 +43,18 @@ class RecommendRequest(_Request):
         examples=[["50", "181", "100"]],
     )
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="number of items to return")
-    rerank: StrictBool = Field(True, description="rerank the encoder's top candidates with the LLM")
+    rerank: StrictBool | None = Field(
+        None,
+        description="rerank the encoder's top candidates with the LLM; absent: the promoted model's default "
+        "(on only where its rerank measured better than retrieval, GET /model: rerank_default)",
+    )
     candidates: StrictInt = Field(
         20, ge=1, le=MAX_CANDIDATES, description="how many of the encoder's top items the LLM reranks (>= k)"
     )
 
     @model_validator(mode="after")
     def _k_within_candidates(self) -> RecommendRequest:
-        if self.rerank and self.k > self.candidates:
+        if self.rerank is True and self.k > self.candidates:
             raise ValueError(
                 f"k ({self.k}) must be <= candidates ({self.candidates}) when rerank is true: "
                 "the LLM returns a ranking of the candidates"

@@ -84,6 +84,9 @@ class RsllmService:
             "git_commit": meta.get("git_commit"),
             "profile": meta.get("profile"),
             "metrics": meta.get("metrics", {}),
+            # bundles from before the rerank rule carry no default: retrieval only
+            "rerank_default": bool(meta.get("rerank_default", False)),
+            "rerank_reason": meta.get("rerank_reason") or "stored before the rerank rule: rerank off",
             "source": PRODUCTION.source,
         }
         self.engine = Engine(
@@ -135,27 +138,28 @@ class RsllmService:
         top `candidates` unless rerank is false."""
         t0 = time.perf_counter()
         log = request_log()
-        log.update(api="recommend", rerank=request.rerank, k=request.k, history=len(request.history))
+        rerank = self.engine.info["rerank_default"] if request.rerank is None else request.rerank
+        log.update(api="recommend", rerank=rerank, k=request.k, history=len(request.history))
         try:
             idx, cold = self.engine.parse_history(request.history)
         except RequestError as e:
             return _error(e)
-        n = request.candidates if request.rerank else request.k
+        n = max(request.candidates, request.k) if rerank else request.k
         top, scores, how = self.engine.retrieve(idx, n)
         retrieval_ms = _ms(t0)
         t1 = time.perf_counter()
-        if request.rerank and top:
+        if rerank and top:
             llm_scores = await self.queue.submit(self.engine.reranker.job(idx, top))
             ranked = self.engine.rank(top, llm_scores)[: request.k]
         else:
             ranked = list(zip(top, scores, strict=True))[: request.k]
-        rerank_ms = _ms(t1) if request.rerank else 0.0
+        rerank_ms = _ms(t1) if rerank else 0.0
         log.update(retrieval=how, cold=len(cold))
         return RecommendResponse(
             items=self.engine.items(ranked),
             model_version=self.version,
             data_version=self.data_version,
-            rerank=request.rerank,
+            rerank=rerank,
             retrieval=how,
             cold_items=cold,
             timings=Timings(retrieval_ms=retrieval_ms, rerank_ms=rerank_ms, total_ms=_ms(t0)),

@@ -32,3 +32,28 @@ def test_missing_candidate_or_metric_fails(tmp_path):
     assert not d.passed and "hr@1 = missing" in d.failed[0]
     out = write_decision(d, tmp_path / "gate.json")
     assert (tmp_path / "gate.json").exists() and out["passed"] is False
+
+
+def _rr(retrieval: float, rerank: float) -> dict:
+    return {
+        "users": 400,
+        "k": 10,
+        "retrieval": {"ndcg@10": retrieval},
+        "rerank": {"ndcg@10": rerank},
+        "gain_ndcg@10": rerank - retrieval,
+    }
+
+
+def test_a_rerank_that_loses_to_retrieval_is_promoted_with_rerank_off():
+    ok = {"hr@1": 0.15, "valid_ratio": 1.0}
+    lose = decide({"stage2": ok, "rerank_on_retrieval": _rr(0.12, 0.10)}, CFG)
+    assert lose.passed and lose.rerank is False  # still promotable
+    assert "0.1000 vs retrieval 0.1200" in lose.rerank_reason
+    assert any(r.startswith("rerank off by default") for r in lose.reasons)
+    win = decide({"stage2": ok, "rerank_on_retrieval": _rr(0.12, 0.13)}, CFG)
+    assert win.passed and win.rerank is True
+    # the minimum gain is a setting; no figures at all: rerank off
+    strict = GateSettings(min=CFG.min, tolerance=CFG.tolerance, rerank_min_gain=0.05)
+    assert decide({"stage2": ok, "rerank_on_retrieval": _rr(0.12, 0.13)}, strict).rerank is False
+    none = decide({"stage2": ok}, CFG)
+    assert none.passed and none.rerank is False and "no rerank-on-retrieval" in none.rerank_reason

@@ -75,3 +75,35 @@ def test_answer_is_title_plus_eos_and_item_alone(tok):
     assert id_pos is None and text_pos == len(ids) - 1
     with pytest.raises(KeyError, match="item_idx 99"):
         b.title_ids(99)
+
+
+def test_format2_marks_every_candidate_in_a_canonical_order(tok):
+    """Format 2: the candidates are listed by title whatever order they come in, each followed by a marker
+    (cold ones too); cand_pos follows the order given."""
+    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=4, marked=True)  # 5, 6 are cold
+    p = b.prompt([1], [6, 3, 2])
+    q = b.prompt([1], [2, 6, 3])
+    assert p.ids == q.ids  # the prompt depends on the set of candidates only
+    text = tok.decode(p.ids)
+    assert f"Candidates: Casino{ITEM_TOKEN}; Get Shorty{ITEM_TOKEN}; Heat{ITEM_TOKEN}." in text
+    assert all(p.ids[i] == b.item_token_id for i in p.cand_pos)
+    # the marker of each given candidate follows its own title
+    for pos, item in zip(p.cand_pos, [6, 3, 2], strict=True):
+        assert p.ids[pos - len(b.title_ids(item)) : pos] == b.title_ids(item)
+    assert [q.cand_pos[[2, 6, 3].index(c)] for c in [6, 3, 2]] == p.cand_pos
+    # only items with an ID get an injected embedding; the cold candidate's marker keeps its token
+    assert sorted(p.item_idx) == [1, 2, 3]
+
+
+def test_format2_text_only_user_token_and_ids_only(tok):
+    text = PromptBuilder(tok, TITLES, unified=False, marked=True)
+    p = text.prompt([1, 2], [3, 4])
+    assert p.item_pos == [] and len(p.cand_pos) == 2 and p.user_pos is None
+    user = PromptBuilder(tok, TITLES, unified=True, n_id_items=6, marked=True, user_token=True)
+    p = user.prompt([1], [3, 4])
+    assert p.user_pos is not None and p.ids[p.user_pos] == user.item_token_id
+    assert p.user_pos not in p.item_pos  # the user placeholder is injected separately
+    ids_only = PromptBuilder(tok, TITLES, unified=True, n_id_items=4, marked=True, titles_in_prompt=False)
+    decoded = tok.decode(ids_only.prompt([1, 5], [3, 6]).ids)
+    assert "Toy Story" not in decoded and "Casino" not in decoded  # items with an ID: marker alone
+    assert "Four Rooms" in decoded and "Get Shorty" in decoded  # cold items keep their title

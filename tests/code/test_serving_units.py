@@ -17,8 +17,9 @@ import yaml
 from pydantic import ValidationError
 
 from components.errors import ModelError, RequestError
+from components.llm.base import llm_dtype
 from components.serving.batching import BatchQueue
-from components.serving.engine import Catalogue, llm_dtype, popularity, top_k
+from components.serving.engine import Catalogue, popularity, top_k
 from components.serving.guard import RequestGuard, request_log
 from components.serving.schemas import RecommendRequest, ScoreRequest
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_ids_are_strings_and_integers_are_accepted():
     r = RecommendRequest.model_validate_json('{"history": ["50", 181, 0]}')
-    assert r.history == ["50", "181", "0"] and r.k == 10 and r.rerank is True and r.candidates == 20
+    assert r.history == ["50", "181", "0"] and r.k == 10 and r.rerank is None and r.candidates == 20
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,9 @@ def test_bad_bodies_name_the_field(body, field):
 
 def test_k_must_fit_the_reranked_candidates():
     with pytest.raises(ValidationError, match=r"k \(30\) must be <= candidates \(20\)"):
-        RecommendRequest.model_validate_json('{"history": ["1"], "k": 30}')
+        RecommendRequest.model_validate_json('{"history": ["1"], "k": 30, "rerank": true}')
+    # rerank absent: the promoted model's default decides (the service widens the candidates to k)
+    assert RecommendRequest.model_validate_json('{"history": ["1"], "k": 30}').rerank is None
     assert RecommendRequest.model_validate_json('{"history": ["1"], "k": 30, "rerank": false}').k == 30
     with pytest.raises(ValidationError):
         ScoreRequest.model_validate_json('{"history": ["1"], "candidates": []}')
@@ -209,7 +212,7 @@ def test_dtype_choice():
     assert llm_dtype("auto", "cuda:0") == "bfloat16"
     assert llm_dtype("float32", "cuda:0") == "float32"
     assert llm_dtype("auto", "cpu") in ("bfloat16", "float32")
-    with pytest.raises(ModelError, match="RSLLM_LLM_DTYPE"):
+    with pytest.raises(ModelError, match="dtype .fp8."):
         llm_dtype("fp8", "cpu")
 
 

@@ -80,12 +80,29 @@ def build_promoted(root: Path) -> dict:
         "sample_users.parquet": prepared / "test.parquet",
         "sasrec.json": root / "sasrec" / "config.json",
     }
+    # the gate's decision for a model whose LLM rerank measured worse than retrieval: promotable, rerank off
+    from components.config import GateSettings
+    from components.gate import decide
+
+    rr = {
+        "users": 8,
+        "k": 10,
+        "retrieval": {"ndcg@10": 0.30},
+        "rerank": {"ndcg@10": 0.25},
+        "gain_ndcg@10": -0.05,
+    }
+    decision = decide(
+        {"stage2": {"hr@1": 0.5, "valid_ratio": 1.0}, "rerank_on_retrieval": rr}, GateSettings()
+    )
+    assert decision.passed and not decision.rerank
     metadata = {
         "metrics": {"hr@1": 0.5},
         "data_version": "data/v1",
         "git_commit": "test",
         "base_tag": base_tag,
         "profile": "test",
+        "rerank_default": decision.rerank,
+        "rerank_reason": decision.rerank_reason,
     }
     tag = registry.save_candidate(parts, metadata)
     pointer = registry.promote(tag, repo, reason="test")

@@ -94,30 +94,35 @@ def test_recommend_rerank_orders_the_encoders_candidates_by_the_llm(client):
     ids = [it["item_id"] for it in out["items"]]
     assert out["rerank"] is True and len(ids) == 8 and set(ids) <= set(encoder)
     scores = [it["score"] for it in out["items"]]
-    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)  # mean log-probabilities
+    assert scores == sorted(scores, reverse=True)  # the score head's scores, best first
     assert out["timings"]["rerank_ms"] > 0
+
+
+def test_rerank_follows_the_promoted_models_default(client):
+    """The fixture's model was promoted with rerank off (its rerank lost to retrieval): a request that does
+    not say answers from retrieval, exactly as rerank=false; /model says why."""
+    meta = client.get("/model").json()
+    assert meta["rerank_default"] is False and "vs retrieval" in meta["rerank_reason"]
+    body = {"history": ["i20", "i21", "i22"], "k": 5}
+    default, explicit = (
+        _post(client, "/recommend", body).json(),
+        _post(client, "/recommend", {**body, "rerank": False}).json(),
+    )
+    assert default["rerank"] is False and default["timings"]["rerank_ms"] == 0
+    assert [it["item_id"] for it in default["items"]] == [it["item_id"] for it in explicit["items"]]
+    # asking for the rerank still works
+    assert _post(client, "/recommend", {**body, "rerank": True}).json()["rerank"] is True
 
 
 def test_score_is_the_evaluation_protocol_over_http(client, promoted):
     """/score on a test user's 20 candidates gives the scores of components.llm.rank (the evaluation)."""
     from components import registry
-    from components.llm.prompts import PromptBuilder
-    from components.llm.rank import load_ranker, rank_users
-    from components.llm.samples import read_titles
+    from components.llm.rank import evaluate_split
 
-    test = pd.read_parquet(promoted["prepared"] / "test.parquet").head(2)
+    test = pd.read_parquet(promoted["prepared"] / "test.parquet").sort_values("user_idx").head(2)
     model_dir = Path(registry.get_model(promoted["model_tag"]).path)
-    model, tok, cfg = load_ranker(
-        Path(registry.get_model(promoted["base_tag"]).path), model_dir / "llm", "cpu"
-    )
-    builder = PromptBuilder(
-        tok,
-        read_titles(promoted["prepared"]),
-        unified=True,
-        n_id_items=cfg["n_id_items"],
-        max_prompt_tokens=cfg["max_prompt_tokens"],
-    )
-    want = rank_users(model, builder, test, history_len=cfg["history_len"])
+    base_dir = Path(registry.get_model(promoted["base_tag"]).path)
+    want = evaluate_split(base_dir, model_dir / "llm", promoted["prepared"], rows=test, device="cpu")
     for row, expected in zip(test.itertuples(), want.itertuples(), strict=True):
         body = {"history": [f"i{i}" for i in row.history], "candidates": [f"i{c}" for c in row.candidates]}
         r = _post(client, "/score", body)
@@ -155,8 +160,10 @@ def test_cold_items_are_rendered_by_title_alone(promoted):
     )
     idx, cold = engine.parse_history(["i3", "901", "i4"])
     assert cold == ["901"]
-    prompt, _ = engine.reranker.job(idx, [engine.catalogue.index["902"], engine.catalogue.index["i9"]])
-    assert prompt.item_idx == [3, 4, 9]  # placeholders for known items only
+    hist, cands, _ = engine.reranker.job(idx, [engine.catalogue.index["902"], engine.catalogue.index["i9"]])
+    prompt = engine.reranker.builder.prompt(hist, cands)
+    assert prompt.item_idx == [3, 4, 9]  # ID embeddings for known items only
+    assert len(prompt.cand_pos) == 2  # ... and a marker the head reads for every candidate, cold ones too
     text = engine.reranker.builder.tok.decode(prompt.ids)
     assert "Cold Open;" in text.replace(" ;", ";") and "Frozen Planet" in text
 
@@ -341,6 +348,11 @@ def test_ui_page_in_headless_chromium(server):
         driver.get(f"{server['url']}/ui")
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
         assert "model rsllm:" in driver.find_element(By.ID, "model").text
+        # the checkbox starts at the promoted model's default
+        box = driver.find_element(By.ID, "rerank")
+        assert box.is_selected() == httpx.get(f"{server['url']}/model").json()["rerank_default"]
+        if not box.is_selected():
+            box.click()
         # a sample user, reranked by the LLM
         Select(driver.find_element(By.ID, "user")).select_by_index(1)
         user = httpx.get(f"{server['url']}/sample_users", params={"limit": 1}).json()[0]
@@ -362,7 +374,6 @@ def test_ui_page_in_headless_chromium(server):
         assert [(r[1].text, r[2].text) for r in rows] == [
             (it["title"], it["item_id"]) for it in want["items"]
         ]
-        assert all(float(r[3].text) < 0 for r in rows)
         assert "LLM rerank" in driver.find_element(By.ID, "status").text
         # typed titles (one cold), encoder order
         driver.find_element(By.ID, "titles").send_keys("Movie 5\nMovie 6\nfrozen planet")

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from components.llm.losses import batch_losses, combine, info_nce, lm_loss
-from components.llm.model import Projector, RsllmModel
+from components.llm.losses import batch_losses, distill_loss, info_nce, lm_loss, mean_offdiag_cosine
+from components.llm.model import Projector, RsllmModel, ScoreHead
 from components.llm.prompts import PromptBuilder
 from components.llm.samples import Sample, collate
+from components.llm.train import title_table
 from tests.model.llm_fixtures import tiny_model, tiny_titles
 
 
@@ -46,10 +47,31 @@ def test_info_nce_does_not_use_the_same_item_as_a_negative():
     assert plain.item() > masked.item()
 
 
-def test_combine():
-    one, two, three = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
-    assert combine(one, two, three, 0.5, 0.1).item() == pytest.approx(1 + 1.0 + 0.3)
-    assert combine(one, two, three, 0.0, 0.0).item() == 1.0
+def test_info_nce_extra_keys_are_negatives_only():
+    q = torch.eye(2)
+    keys = torch.cat([torch.eye(2), torch.tensor([[1.0, 0.0]])])  # a third key aligned with query 0
+    t = 1.0
+    # row 0: positive cos 1, negatives cos 0 and cos 1; row 1: positive 1, negatives 0, 0
+    expected = (math.log(1 + math.exp(-1) + 1) + math.log(1 + 2 * math.exp(-1))) / 2
+    assert info_nce(q, keys, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_distill_is_zero_when_the_student_matches_the_teacher():
+    teacher = torch.tensor([[2.0, 0.0, -1.0]])
+    assert distill_loss(teacher, teacher, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_loss(torch.zeros(1, 3), teacher, 1.0).item() > 0.1
+
+
+def test_mean_offdiag_cosine():
+    assert mean_offdiag_cosine(torch.eye(3)) == pytest.approx(0.0)
+    assert mean_offdiag_cosine(torch.ones(4, 2)) == pytest.approx(1.0)
+
+
+SAMPLES = [
+    Sample(0, [1, 2], 3, [3, 4, 10], (1, 2)),
+    Sample(1, [5], 6, [7, 6, 11], (5,)),
+    Sample(2, [8], 9, [1, 12, 9], (8,)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,44 +79,72 @@ def setup():
     titles = tiny_titles(12)
     llm, tok = tiny_model(titles)
     torch.manual_seed(0)
-    model = RsllmModel(llm, Projector(8, llm.config.hidden_size, 16), torch.randn(13, 8)).eval()
-    b = PromptBuilder(tok, titles, unified=True, n_id_items=12)
-    batch = collate([Sample(0, [1, 2], 3, [3, 4]), Sample(1, [5], 6, [6, 7]), Sample(2, [8], 9, [9, 1])], b)
+    hidden = llm.config.hidden_size
+    model = RsllmModel(
+        llm, Projector(8, hidden, 16), torch.randn(13, 8), ScoreHead(hidden, 16), Projector(8, hidden, 16)
+    ).eval()
+    b = PromptBuilder(tok, titles, unified=True, n_id_items=11, marked=True, user_token=True)  # 12 is cold
+    batch = collate(SAMPLES, b, torch.randn(3, 8))
+    model.register_buffer("title_table", title_table(model, b), persistent=False)  # id_text_space input
     return model, b, batch
 
 
 def test_batch_lm_loss_is_answer_tokens_only(setup):
     model, b, batch = setup
-    out = batch_losses(model, batch)  # a = b = 0
+    out = batch_losses(model, batch, a=0.0)  # every other loss off
     assert out["user_item"] == 0 and out["id_text"] == 0 and out["loss"] == out["lm"]
     assert out["answer_tokens"] == sum(len(b.answer_ids(t)) for t in (3, 9, 6))
     # brute force: CE over each sample's answer tokens given its prompt, pooled over tokens
     total, n = 0.0, 0
     with torch.no_grad():
-        for s in (Sample(0, [1, 2], 3, [3, 4]), Sample(1, [5], 6, [6, 7]), Sample(2, [8], 9, [9, 1])):
+        for k, s in enumerate(SAMPLES):
             p, ans = b.prompt(s.history, s.candidates), b.answer_ids(s.target)
             at = torch.zeros(1, len(p.ids) + len(ans), dtype=torch.long)
             at[0, p.item_pos] = torch.tensor(p.item_idx, dtype=torch.long)
-            h = model.hidden(torch.tensor([p.ids + ans]), at)[0]
+            user = {"user_pos": torch.tensor([p.user_pos]), "user_vec": batch["user_vec"][k : k + 1]}
+            h = model.hidden(torch.tensor([p.ids + ans]), at, **user)[0]
             logits = model.logits(h[len(p.ids) - 1 : -1])
             total += torch.nn.functional.cross_entropy(logits, torch.tensor(ans), reduction="sum").item()
             n += len(ans)
     assert out["lm"].item() == pytest.approx(total / n, rel=1e-5)
 
 
+def test_user_item_is_a_softmax_over_each_prompts_candidates(setup):
+    """L_user_item = CE of the head's scores (prompt end vs each candidate's marker) at the target."""
+    model, b, batch = setup
+    with torch.no_grad():
+        out = batch_losses(model, batch, a=1.0)
+        scores = []
+        for k, s in enumerate(SAMPLES):
+            p = b.prompt(s.history, s.candidates)
+            at = torch.zeros(1, len(p.ids), dtype=torch.long)
+            at[0, p.item_pos] = torch.tensor(p.item_idx, dtype=torch.long)
+            user = {"user_pos": torch.tensor([p.user_pos]), "user_vec": batch["user_vec"][k : k + 1]}
+            h = model.hidden(torch.tensor([p.ids]), at, **user)[0]  # the prompt alone: answers come after
+            scores.append(model.head(h[-1][None], h[p.cand_pos][None])[0])
+    targets = torch.tensor([s.candidates.index(s.target) for s in SAMPLES])
+    expected = torch.nn.functional.cross_entropy(torch.stack(scores), targets)
+    assert out["user_item"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert batch["target_col"].tolist() == targets.tolist()
+
+
 def test_weights_switch_losses_on_and_off(setup):
     model, _, batch = setup
     with torch.no_grad():
         a_only = batch_losses(model, batch, a=0.5, b=0.0, temperature=0.1)
-        both = batch_losses(model, batch, a=0.5, b=2.0, temperature=0.1)
+        both = batch_losses(model, batch, a=0.5, b=2.0, c=0.3, temperature=0.1)
         inp = batch_losses(model, batch, a=0.0, b=1.0, temperature=0.1, id_text_space="input")
-    assert a_only["user_item"] > 0 and a_only["id_text"] == 0
+    assert a_only["user_item"] > 0 and a_only["id_text"] == 0 and a_only["distill"] == 0
     assert a_only["loss"].item() == pytest.approx((a_only["lm"] + 0.5 * a_only["user_item"]).item())
-    assert both["id_text"] > 0
-    expected = both["lm"] + 0.5 * both["user_item"] + 2.0 * both["id_text"]
+    assert both["id_text"] > 0 and both["distill"] > 0
+    expected = both["lm"] + 0.5 * both["user_item"] + 2.0 * both["id_text"] + 0.3 * both["distill"]
     assert both["loss"].item() == pytest.approx(expected.item())
-    assert inp["id_text"] > 0 and inp["id_text"] != both["id_text"]
-    # a text-only model has no ID embeddings: L_id_text stays off whatever b is
-    text = RsllmModel(model.llm)
+    # hidden space: the batch's candidates with an ID (8 of 9; item 12 is cold) are each other's negatives
+    assert both["id_text_negatives"].item() == pytest.approx(7.0)
+    # input space: every other title of the catalogue (12 titles, the cold one too) is a negative
+    assert inp["id_text"] > 0 and inp["id_text_negatives"].item() == pytest.approx(11.0)
+    # a text-only model has no ID embeddings: L_id_text and L_distill stay off whatever b and c are
+    text = RsllmModel(model.llm, head=model.head)
     with torch.no_grad():
-        assert batch_losses(text, batch, a=0.0, b=5.0)["id_text"] == 0
+        off = batch_losses(text, batch, a=0.0, b=5.0, c=5.0)
+    assert off["id_text"] == 0 and off["distill"] == 0

@@ -9,6 +9,7 @@ from components.llm.losses import batch_losses
 from components.llm.model import (
     Projector,
     RsllmModel,
+    ScoreHead,
     add_lora,
     calibrate_projector,
     load_projector,
@@ -89,18 +90,20 @@ def test_projector_round_trip(tmp_path, parts):
     torch.testing.assert_close(again(x), proj(x))
 
 
-def test_gradients_reach_projector_and_lora_only(parts):
+def test_gradients_reach_projector_head_and_lora_only(parts):
     llm, tok, table, proj = parts
-    model = RsllmModel(add_lora(llm, 4, 8, 0.0, ["q_proj", "v_proj"]), proj, table)
-    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=10)
+    head = ScoreHead(llm.config.hidden_size, 8)
+    model = RsllmModel(add_lora(llm, 4, 8, 0.0, ["q_proj", "v_proj"]), proj, table, head)
+    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=10, marked=True)
     batch = collate(
-        [Sample(0, [1, 2], 3, [3, 4, 5]), Sample(1, [4], 6, [7, 6, 8]), Sample(2, [9, 10], 11, [11, 1])], b
+        [Sample(0, [1, 2], 3, [3, 4, 5]), Sample(1, [4], 6, [7, 6, 8]), Sample(2, [9, 10], 11, [11, 1, 2])], b
     )
     out = batch_losses(model, batch, a=1.0, b=1.0, temperature=0.1)
     assert out["user_item"] > 0 and out["id_text"] > 0
     out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     for name, p in model.named_parameters():
-        if "lora_" in name or name.startswith("projector."):
+        if "lora_" in name or name.startswith(("projector.", "head.")):
             assert p.requires_grad, name
         else:
             assert not p.requires_grad and p.grad is None, name

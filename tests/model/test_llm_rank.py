@@ -74,6 +74,48 @@ def test_scores_depend_on_the_id_embeddings(unified):
         model.item_table[4] = saved
 
 
+@pytest.fixture(scope="module")
+def headed(unified):
+    from components.llm.model import ScoreHead
+
+    model, b = unified
+    torch.manual_seed(1)
+    hidden = model.causal_lm.config.hidden_size
+    head_model = RsllmModel(model.llm, model.projector, model.item_table, ScoreHead(hidden, 16)).eval()
+    return head_model, PromptBuilder(b.tok, TITLES, unified=True, n_id_items=25, marked=True)
+
+
+def test_head_scores_are_order_invariant(headed):
+    """Permuting the candidates permutes the head's scores (the service passes retrieval order)."""
+    from components.llm.rank import score_head
+
+    model, b = headed
+    cands = [4, 27, 9, 3, 12, 28, 20]  # 27 and 28 are cold
+    perm = [5, 2, 0, 6, 1, 4, 3]
+    one = score_head(model, [b.prompt([1, 2, 26], cands)])[0]
+    two = score_head(model, [b.prompt([1, 2, 26], [cands[j] for j in perm])])[0]
+    torch.testing.assert_close(two, one[perm], atol=1e-5, rtol=0)
+    assert one.std() > 0 and torch.isfinite(one).all()  # cold candidates get a real score too
+    # batched with a longer prompt (padding) gives the same scores
+    both = score_head(model, [b.prompt([1, 2, 26], cands), b.prompt(list(range(1, 11)), [3, 4])])
+    torch.testing.assert_close(both[0], one, atol=1e-5, rtol=0)
+    assert torch.isinf(both[1, 2:]).all()
+
+
+def test_head_scores_depend_on_the_candidates_id_embedding(headed):
+    from components.llm.rank import score_head
+
+    model, b = headed
+    p = b.prompt([1, 2], [3, 4, 5])
+    before = score_head(model, [p])[0]
+    saved = model.item_table[4].clone()
+    model.item_table[4] += 2.0
+    try:
+        assert not torch.allclose(before, score_head(model, [p])[0])
+    finally:
+        model.item_table[4] = saved
+
+
 def test_map_to_candidate_by_exact_title():
     cands = [3, 7, 9]
     assert map_to_candidate(f" {TITLES[7]}", cands, TITLES) == 7
@@ -104,7 +146,7 @@ def test_generation_mode_maps_the_decoded_title_back():
     model.eval()
     assert generate(model, p, 20, b.eos_id, [b.item_token_id]) == b.title_ids(target)
     rows = pd.DataFrame([{"user_idx": 0, "history": history, "target": target, "candidates": cands}])
-    out = rank_users(model, b, rows, history_len=10, generation=True).iloc[0]
+    out = rank_users(model, b, rows, history_len=10, generation=True).iloc[0]  # likelihood mode
     assert out["generated"].strip() == TITLES[target]
     assert out["predicted"] == target and out["valid"]
     assert out["target_col"] == 1 and out["scores"][1] == max(out["scores"])

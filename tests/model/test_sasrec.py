@@ -135,6 +135,9 @@ def test_full_ranking_masks_history_but_not_the_target(tmp_path):
     # user 0: history masked, item 1 (50) masked too, the target 5 beats every item after it -> rank 0
     # user 1: target 7 is in the history but not masked: scored 100, rank 0
     assert out["full"] == {"hr@10": 1.0, "ndcg@10": 1.0}
+    # unmasked (RecBole): user 0's history 1-4 outrank 5 (rank 4); user 1's 6, 8, 9 tie with 7 (rank 3)
+    assert out["full_unmasked"]["hr@10"] == 1.0
+    assert out["full_unmasked"]["ndcg@10"] == pytest.approx((1 / np.log2(6) + 1 / np.log2(5)) / 2)
     assert set(out["candidates"]) == {"hr@1", "hr@5", "ndcg@5"}
 
 
@@ -164,8 +167,11 @@ def test_outputs_on_disk(trained, prepared):
     metrics = json.loads((out / "metrics" / "sasrec.json").read_text())
     assert metrics == trained["summary"]["metrics"]
     for split in ("test", "valid"):
-        assert set(metrics[split]) == {"full", "candidates"}
+        assert set(metrics[split]) == {"full", "full_unmasked", "candidates"}
         assert set(metrics[split]["full"]) == {"hr@10", "ndcg@10"}
+        # RecBole's protocol masks nothing: earlier items compete with the target, so it is never higher
+        for m in ("hr@10", "ndcg@10"):
+            assert metrics[split]["full_unmasked"][m] <= metrics[split]["full"][m]
         assert set(metrics[split]["candidates"]) == {"hr@1", "hr@5", "ndcg@5"}
     curve = json.loads((out / "plots" / "sasrec.json").read_text())
     assert curve and {"epoch", "loss", "valid_ndcg@10"} <= set(curve[0])
