@@ -33,7 +33,7 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read",
 
 
 def cli_errors(fn):
-    """Turn project errors into one red line + exit 1 (never a traceback for bad input)."""
+    """Project errors as one red line + exit 1 (or the error's exit_code: 2 for a non-drop path)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,7 +41,7 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except RsllmError as e:
             console.print(f"[bold red]{type(e).__name__}:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
 
     return wrapper
 
@@ -311,9 +311,9 @@ def promote(tag: Annotated[str, typer.Argument(help="a stored model, e.g. rsllm:
 @app.command()
 @cli_errors
 def rollback(
-    to: str = typer.Option(None, help="a stored model tag (default: the previous production)"),
+    to: str = typer.Option(None, help="a stored model tag (default: the one before in the history)"),
 ) -> None:
-    """Point production back at the previous model (or at --to)."""
+    """Back to the model before it in the promotion history (skipping deleted ones), or to --to."""
     from components import registry
 
     _print_json(registry.rollback(Path("."), to))

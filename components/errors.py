@@ -32,6 +32,13 @@ class DataValidationError(RsllmError):
         self.examples = examples or []
 
 
+class DropPathError(RsllmError):
+    """A path given as a drop is not one (missing, a folder, a link, another suffix); refused before
+    anything is read or moved. The CLI exits 2 (a usage error), not 1 (a rejected drop)."""
+
+    exit_code = 2
+
+
 class VersioningError(RsllmError):
     """A data version could not be recorded, pushed or restored."""
 

@@ -1,10 +1,15 @@
-"""Intake of weekly drops: validate, accept (merge + version) or quarantine with a reason.
+"""Intake of weekly drops: judge each one, then accept (merge + version) or quarantine it with a reason.
 
 A drop is data/incoming/<name>.csv|parquet (interactions), optionally with <name>.items.csv|parquet.
-  pass -> data/accepted/<name>.parquet (+ .items.parquet), original moved to data/archive/,
-          `dvc add data/accepted`, `dvc repro validate` rebuilds data/raw, a data version is recorded.
-  fail -> moved to data/quarantine/ beside <name>.reason.json; data/raw, data/prepared and models
-          are not touched and nothing downstream runs.
+  judge  -> the file checks of components/drops.py (a regular file, never a link; size and rows from
+            metadata), the expectations of components/validate.py, then no change to accepted data
+            (components/drops.py). Any error while judging, expected or not, rejects the drop.
+  pass   -> data/accepted/<name>.parquet (+ .items.parquet), original moved to data/archive/,
+            `dvc add data/accepted`, `dvc repro validate` rebuilds data/raw, a data version is recorded.
+  fail   -> moved to data/quarantine/ beside <name>.reason.json; data/raw, data/prepared and models
+            are not touched and nothing downstream runs.
+A path given explicitly that is not a drop file (dvc.yaml, a folder, a link) is refused before
+anything is read or moved (DropPathError; the CLI exits 2).
 """
 
 from __future__ import annotations
@@ -12,40 +17,44 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from components import versioning
+from components.columns import short
 from components.config import Settings
+from components.drops import KEYS, check_item_titles, check_ratings, is_drop_name, refuse_non_drops
 from components.errors import DataValidationError, RsllmError, SourceError
 from components.io import atomic_file, write_json_atomic
-from components.sources import DROP_SUFFIXES, read_table
+from components.sources import read_table
 from components.validate import drop_items_path, validate_drop
 
 log = logging.getLogger(__name__)
 
 
 def waiting_drops(incoming: Path) -> list[Path]:
-    """Interaction files waiting in data/incoming, oldest name first (items files ride along)."""
+    """Entries with a drop's name waiting in data/incoming, oldest name first (items files ride along).
+
+    Links, folders and other non-regular entries with such a name are listed too: judging rejects
+    them unread, so that they are quarantined instead of failing every later run.
+    """
     if not incoming.is_dir():
         return []
-    return sorted(
-        p
-        for p in incoming.iterdir()
-        if p.is_file() and p.suffix.lower() in DROP_SUFFIXES and not p.stem.endswith(".items")
-    )
+    return sorted(p for p in incoming.iterdir() if is_drop_name(p))
 
 
-def quarantine(drop: Path, error: Exception, quarantine_dir: Path) -> dict:
-    """Move a rejected drop (and its items file) to quarantine beside a JSON reason."""
+def quarantine(drop: Path, error: Exception, quarantine_dir: Path, *, kind: str | None = None) -> dict:
+    """Move a rejected drop (and its items file) to quarantine beside a JSON reason; a link is moved
+    as a link (its target is not touched)."""
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     reason = {
         "drop": drop.name,
         "rejected_at": stamp,
-        "error": type(error).__name__,
+        "error": kind or type(error).__name__,
         "message": str(error),
         "file": getattr(error, "file", str(drop)),
         "column": getattr(error, "column", ""),
@@ -54,9 +63,9 @@ def quarantine(drop: Path, error: Exception, quarantine_dir: Path) -> dict:
     }
     moved = []
     for path in (drop, drop_items_path(drop)):
-        if path is not None and path.exists():
+        if path is not None and os.path.lexists(path):
             target = quarantine_dir / f"{stamp}-{path.name}"
-            shutil.move(str(path), target)
+            shutil.move(str(path), target)  # a rename where it can: a link moves as a link
             moved.append(str(target))
     reason["moved_to"] = moved
     write_json_atomic(quarantine_dir / f"{stamp}-{drop.stem}.reason.json", reason)
@@ -83,9 +92,12 @@ def accept(
 
 
 def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_version: bool = True) -> dict:
-    """Validate each waiting drop; merge those that pass into data/raw and record a data version."""
+    """Judge each waiting drop (or each of `paths`); merge those that pass into data/raw and record a
+    data version. A path that is not a drop file is refused (DropPathError) before anything moves."""
     repo = Path(repo)
     data = repo / "data"
+    if paths:
+        refuse_non_drops([Path(p) for p in paths])
     drops = [Path(p) for p in paths] if paths else waiting_drops(data / "incoming")
     result: dict = {"accepted": [], "rejected": [], "version": None}
     if not drops:
@@ -94,26 +106,29 @@ def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_v
     if record_version:
         versioning.check_committable(repo)  # refuse before anything moves
     catalogue = read_table(data / "raw" / "items.parquet")
+    accepted = accepted_interactions(data / "raw" / "interactions.parquet")
     written: list[Path] = []
     for drop in drops:
         try:
-            if (data / "accepted" / f"{drop.stem}.parquet").exists():
-                raise DataValidationError(
-                    f"{drop}: a drop named {drop.stem!r} was already accepted",
-                    file=str(drop),
-                    expectation="drop name is new",
-                )
-            inter, items, summaries = validate_drop(
-                settings, drop, catalogue, repo / "reports/validation/docs"
-            )
+            inter, items = judge(settings, drop, catalogue, accepted, repo)
         except (DataValidationError, SourceError) as e:
-            reason = quarantine(drop, e, data / "quarantine")
-            log.error("rejected %s: %s", drop.name, e)
-            result["rejected"].append(reason)
+            result["rejected"].append(_reject(drop, e, data / "quarantine"))
+            continue
+        except (
+            Exception
+        ) as e:  # a bug or an input nobody foresaw: the drop is quarantined, never left waiting
+            error = DataValidationError(
+                f"{drop}: unexpected error while judging the drop: {type(e).__name__}: {short(str(e), 200)}",
+                file=str(drop),
+                expectation="drop can be judged",
+            )
+            log.debug("unexpected error judging %s", drop, exc_info=True)
+            result["rejected"].append(_reject(drop, error, data / "quarantine", kind=type(e).__name__))
             continue
         written += accept(drop, inter, items, data / "accepted", data / "archive")
         if items is not None:
             catalogue = pd.concat([catalogue, items[~items["item_id"].isin(set(catalogue["item_id"]))]])
+        accepted = pd.concat([accepted, inter[[*KEYS, "rating"]]], ignore_index=True)
         result["accepted"].append(
             {"drop": drop.name, "rows": len(inter), "users": int(inter["user_id"].nunique())}
         )
@@ -129,6 +144,39 @@ def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_v
         names = ", ".join(a["drop"] for a in result["accepted"])
         result["version"] = versioning.record_version(repo, note=f"ingest {names}", check=False)
     return result
+
+
+def judge(
+    settings: Settings, drop: Path, catalogue: pd.DataFrame, accepted: pd.DataFrame, repo: Path
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """A drop's canonical tables if it may be accepted; DataValidationError / SourceError otherwise."""
+    if (repo / "data" / "accepted" / f"{drop.stem}.parquet").exists():
+        raise DataValidationError(
+            f"{drop}: a drop named {drop.stem!r} was already accepted",
+            file=str(drop),
+            expectation="drop name is new",
+        )
+    inter, items, _ = validate_drop(settings, drop, catalogue, repo / "reports/validation/docs")
+    items_path = drop_items_path(drop)
+    check_item_titles(items, catalogue, items_path or drop)
+    check_ratings(inter, accepted, drop)
+    return inter, items
+
+
+def accepted_interactions(path: Path) -> pd.DataFrame:
+    """The keys and ratings of the accepted interactions (data/raw), empty before the first merge."""
+    if not path.exists():
+        return pd.DataFrame({c: pd.Series(dtype="string") for c in ("user_id", "item_id")}).assign(
+            timestamp=pd.Series(dtype="int64"), rating=pd.Series(dtype="float64")
+        )
+    return pd.read_parquet(path, columns=[*KEYS, "rating"])
+
+
+def _reject(drop: Path, error: Exception, quarantine_dir: Path, kind: str | None = None) -> dict:
+    """Quarantine a rejected drop and log it; the reason as recorded."""
+    reason = quarantine(drop, error, quarantine_dir, kind=kind)
+    log.error("rejected %s: %s", drop.name, error)
+    return reason
 
 
 def _undo_accept(repo: Path, written: list[Path]) -> None:

@@ -62,9 +62,14 @@ class StageFailed(RsllmError):
 
 
 def set_profile(repo: Path, profile: str) -> bool:
-    """Make `profile` the active params.yaml profile and commit that change; False if it already was."""
+    """Make `profile` the active params.yaml profile and commit that change; False if it already was.
+
+    Only a name under `profiles` is accepted (ConfigError before any file changes): the name is
+    written into params.yaml, so anything else could rewrite other settings (the gate's, say).
+    """
     path = Path(repo) / "params.yaml"
     text = path.read_text()
+    check_profile_name(path, text, profile)
     current = load_settings(path).profile
     if current == profile:
         return False
@@ -83,3 +88,14 @@ def set_profile(repo: Path, profile: str) -> bool:
         extra_env=IDENTITY,
     )
     return True
+
+
+def check_profile_name(path: Path, text: str, profile: object) -> None:
+    """ConfigError unless `profile` is exactly one of the names under params.yaml's `profiles`."""
+    raw = yaml.safe_load(text) or {}
+    names = sorted(raw.get("profiles") or {}) if isinstance(raw, dict) else []
+    if not isinstance(profile, str) or profile not in names or not re.fullmatch(r"[A-Za-z0-9_.-]+", profile):
+        shown = repr(profile)[:60]
+        raise ConfigError(
+            f"{path}: profile {shown} is not one of profiles {names}; params.yaml left unchanged"
+        )

@@ -23,9 +23,11 @@ from pathlib import Path
 import bentoml
 
 from components.errors import RegistryError
-from components.io import write_json_atomic
+from components.io import sha256_of, write_json_atomic
 
 MODEL_NAME = "rsllm"
+CHECKSUMS = "checksums"  # metadata key: {relative path: sha256} of every file of a candidate bundle
+MODEL_YAML = "model.yaml"  # BentoML's own file in a stored model (written after the checksums)
 BASE_NAME = "rsllm-base"
 POINTER = Path("models/registry/production.json")
 HISTORY = Path("models/registry/history.jsonl")
@@ -60,7 +62,8 @@ def save_base(base_dir: Path) -> str:
 
 def save_candidate(parts: dict[str, Path], metadata: dict, labels: dict | None = None) -> str:
     """Save a candidate model: each entry of `parts` (name -> file or folder) is copied in under its
-    name. Nothing reaches the store unless every copy succeeded."""
+    name, and the sha256 of every file goes into its metadata (`checksums`, verified on load).
+    Nothing reaches the store unless every copy succeeded."""
     missing = [f"{name} ({path})" for name, path in parts.items() if not Path(path).exists()]
     if missing:
         raise RegistryError(f"cannot package the model, missing: {', '.join(missing)}")
@@ -72,30 +75,94 @@ def save_candidate(parts: dict[str, Path], metadata: dict, labels: dict | None =
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
+        model.info.metadata[CHECKSUMS] = bundle_checksums(Path(model.path))  # written when the model is saved
     return str(model.tag)
 
 
+def bundle_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a stored model by relative path (BentoML's own model.yaml excluded)."""
+    return {
+        str(path.relative_to(folder)): sha256_of(path)
+        for path in sorted(Path(folder).rglob("*"))
+        if path.is_file() and path.relative_to(folder) != Path(MODEL_YAML)
+    }
+
+
+def verify_model(model) -> bool:
+    """Check a stored model's files against the checksums written when it was packaged.
+
+    True when every file matches; False for a legacy bundle stored without checksums; RegistryError
+    naming the file when one was changed, removed or added.
+    """
+    expected = model.info.metadata.get(CHECKSUMS)
+    if not expected:
+        return False
+    folder = Path(model.path)
+    actual = bundle_checksums(folder)
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            problem = "is missing"
+        elif name not in expected:
+            problem = "was added after packaging"
+        elif actual[name] != expected[name]:
+            problem = f"has sha256 {actual[name][:12]}..., packaged as {expected[name][:12]}..."
+        else:
+            continue
+        raise RegistryError(f"model {model.tag}: {folder / name} {problem}; the stored model is not intact")
+    return True
+
+
 def read_production(repo: Path = Path(".")) -> dict | None:
-    """The production pointer, or None when nothing was promoted yet."""
+    """The production pointer, or None when nothing was promoted yet; RegistryError naming the file
+    when it is not a pointer (not JSON, or no model tag)."""
     path = Path(repo) / POINTER
     if not path.exists():
         return None
+    fix = "point it at a stored model with `rsllm promote rsllm:<tag>` (`rsllm models` lists them)"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RegistryError(f"{path}: not valid JSON ({e}); restore it with `rsllm rollback`") from None
+        pointer = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if (
+        not isinstance(pointer, dict)
+        or not isinstance(pointer.get("model_tag"), str)
+        or not pointer["model_tag"]
+    ):
+        raise RegistryError(f"{path}: not a production pointer (no 'model_tag' string); {fix}")
+    for key in ("base_tag", "previous"):
+        if pointer.get(key) is not None and not isinstance(pointer[key], str):
+            raise RegistryError(f"{path}: '{key}' must be a model tag or null; {fix}")
+    return pointer
 
 
-def promote(tag: str, repo: Path = Path("."), **info) -> dict:
-    """Point production at `tag` (already in the store) by atomic rename; append to the history."""
+def production_model(repo: Path = Path(".")):
+    """The stored model production points at; RegistryError naming the pointer when there is none or
+    it points at a model no longer in the store."""
+    pointer = read_production(repo)
+    if pointer is None:
+        raise RegistryError(f"{Path(repo) / POINTER}: no production model yet (`rsllm promote rsllm:<tag>`)")
+    try:
+        return _get(pointer["model_tag"])
+    except RegistryError as e:
+        raise RegistryError(
+            f"{Path(repo) / POINTER} points at a missing model: {e}; `rsllm rollback`"
+        ) from None
+
+
+def promote(tag: str, repo: Path = Path("."), *, action: str = "promote", **info) -> dict:
+    """Point production at `tag` (already in the store) by atomic rename; append to the history.
+
+    `previous` is the model a rollback would now return to (after a promotion: the one it replaced).
+    """
     model = _get(tag)
-    previous = read_production(repo)
+    stack = _after(promotion_stack(repo), str(model.tag), action)
     pointer = {
         "model_tag": str(model.tag),
         "base_tag": model.info.metadata.get("base_tag"),
         "data_version": model.info.metadata.get("data_version"),
         "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "previous": previous["model_tag"] if previous else None,
+        "previous": stack[-2] if len(stack) > 1 else None,
+        "action": action,
     } | info
     write_json_atomic(Path(repo) / POINTER, pointer)
     with open(Path(repo) / HISTORY, "a") as fh:
@@ -103,20 +170,68 @@ def promote(tag: str, repo: Path = Path("."), **info) -> dict:
     return pointer
 
 
+def promotion_stack(repo: Path = Path(".")) -> list[str]:
+    """Production models from the oldest to the current one, replayed from the history: a promotion
+    pushes its model, a rollback pops back to its target. A missing or unreadable history gives []."""
+    path = Path(repo) / HISTORY
+    stack: list[str] = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+            tag = entry["model_tag"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a kill: skipped, the next promotion rewrites the pointer anyway
+        rolled = entry.get("action") == "rollback" or str(entry.get("reason", "")).startswith("rollback")
+        stack = _after(stack, tag, "rollback" if rolled else "promote")
+    try:
+        current = (read_production(repo) or {}).get("model_tag")
+    except RegistryError:
+        current = None
+    if current and (not stack or stack[-1] != current):  # killed between the pointer and the history
+        stack.append(current)
+    return stack
+
+
+def _after(stack: list[str], tag: str, action: str) -> list[str]:
+    """The stack once `tag` became production by `action`."""
+    if action == "rollback" and tag in stack:
+        return stack[: len(stack) - stack[::-1].index(tag)]
+    return stack if stack and stack[-1] == tag else [*stack, tag]
+
+
 def rollback(repo: Path = Path("."), to: str | None = None) -> dict:
-    """Point production back at the previous promoted model (or at `to`)."""
-    current = read_production(repo)
+    """Point production back at the model before it in the promotion history (skipping models no
+    longer in the store), or at `to`."""
     if to is None:
-        if not current or not current.get("previous"):
-            raise RegistryError("nothing to roll back to: production has no previous model")
-        to = current["previous"]
-    pointer = promote(to, repo, reason=f"rollback from {current['model_tag'] if current else None}")
-    return pointer
+        if read_production(repo) is None:  # a broken pointer raises here, naming the file
+            raise RegistryError("nothing to roll back to: nothing was promoted yet")
+        stack = promotion_stack(repo)
+        current = stack[-1] if stack else None
+        stored = {str(m.tag) for m in _list(MODEL_NAME)}
+        earlier = [tag for tag in stack[:-1] if tag in stored]
+        if not earlier:
+            gone = [tag for tag in stack[:-1] if tag not in stored]
+            raise RegistryError(
+                f"nothing to roll back to: {Path(repo) / HISTORY} has no model before {current} still in "
+                f"the store" + (f" (deleted: {', '.join(gone)})" if gone else "")
+            )
+        to = earlier[-1]
+    else:
+        current = _current_tag(repo)
+    return promote(to, repo, action="rollback", reason=f"rollback from {current}")
+
+
+def _current_tag(repo: Path) -> str | None:
+    """Production's tag, or None when there is none or the pointer is unreadable (for recovery)."""
+    try:
+        return (read_production(repo) or {}).get("model_tag")
+    except RegistryError:
+        return None
 
 
 def list_models(repo: Path = Path(".")) -> list[dict]:
     """Every stored `rsllm` model, newest first, with its metrics and whether it is production."""
-    production = (read_production(repo) or {}).get("model_tag")
+    production = _current_tag(repo)
     rows = []
     for model in sorted(_list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True):
         meta = model.info.metadata

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 
+from components.columns import as_id, as_rating, as_text, as_unix_seconds, short
 from components.config import ColumnMap, FilesSource, Ml100kSource, Settings
 from components.errors import DataValidationError, SourceError
 from components.io import atomic_dir, sha256_of
@@ -30,19 +33,21 @@ DROP_SUFFIXES = (".csv", ".parquet")
 # ---------------------------------------------------------------- reading any table, with clear errors
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file; unreadable input raises SourceError naming the file and the reason."""
+def read_table(path: Path, fh: BinaryIO | None = None) -> pd.DataFrame:
+    """Read a CSV or Parquet file (from `fh` when given: a drop opened without following links);
+    unreadable input raises SourceError naming the file and the reason, never echoing its lines."""
     path = Path(path)
-    if not path.is_file():
+    if fh is None and not path.is_file():
         raise SourceError(f"{path}: file not found")
-    if path.stat().st_size == 0:
+    size = os.fstat(fh.fileno()).st_size if fh is not None else path.stat().st_size
+    if size == 0:
         raise SourceError(f"{path}: file is empty")
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            return pd.read_parquet(path)
+            return pd.read_parquet(fh if fh is not None else path)
         if suffix == ".csv":
-            raw = path.read_bytes()
+            raw = fh.read() if fh is not None else path.read_bytes()
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -55,46 +60,35 @@ def read_table(path: Path) -> pd.DataFrame:
     except SourceError:
         raise
     except Exception as e:  # pyarrow / pandas parser errors: one clear line, no traceback
-        raise SourceError(
-            f"{path}: cannot be read as {suffix[1:].upper()}: {type(e).__name__}: {e}"
-        ) from None
+        raise unreadable(path, e) from None
     raise SourceError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv or .parquet")
 
 
+def unreadable(path: Path, error: Exception) -> SourceError:
+    """A parser's error as one line, its message shortened (it may quote the file)."""
+    kind = path.suffix.lower()[1:].upper() or "a table"
+    return SourceError(f"{path}: cannot be read as {kind}: {type(error).__name__}: {short(str(error), 160)}")
+
+
 def require_columns(df: pd.DataFrame, columns: list[str], path: Path | str) -> None:
-    """Raise DataValidationError naming the file and the missing columns."""
+    """Raise DataValidationError naming the file and the missing columns.
+
+    The columns found are listed (shortened) only when some expected ones are among them; otherwise the
+    'header' is probably a line of data, which a message must not echo.
+    """
     missing = [c for c in columns if c not in df.columns]
     if missing:
+        found = [str(c) for c in df.columns]
+        if len(missing) < len(columns):
+            seen = f"found {[short(c, 24) for c in found[:12]]}"
+        else:
+            seen = f"found {len(found)} column(s), none expected (no header? data.files.columns maps names)"
         raise DataValidationError(
-            f"{path}: missing column(s) {missing}; found {list(df.columns)[:12]}",
+            f"{path}: missing column(s) {missing}; {seen}",
             file=str(path),
             column=missing[0],
             expectation="expect_column_to_exist",
         )
-
-
-def _to_unix_seconds(values: pd.Series, unit: str, path: Path | str) -> pd.Series:
-    """Timestamps as int64 unix seconds; unparseable values raise naming the column and examples."""
-    if unit == "iso":
-        parsed = pd.to_datetime(values, errors="coerce", utc=True)
-        bad = values[parsed.isna() & values.notna()]
-        seconds = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    else:
-        numeric = pd.to_numeric(values, errors="coerce")
-        bad = values[numeric.isna() & values.notna()]
-        seconds = numeric // 1000 if unit == "ms" else numeric
-    if len(bad):
-        raise DataValidationError(
-            f"{path}: column 'timestamp' has values that are not {unit} timestamps, "
-            f"e.g. {bad.head(3).tolist()}",
-            file=str(path),
-            column="timestamp",
-            expectation="timestamp parses",
-            examples=bad.head(3).tolist(),
-        )
-    seconds = seconds.astype("Int64")
-    # numpy int64 when complete; nullable Int64 only when values are missing (the not-null check names them)
-    return seconds.astype("int64") if not seconds.isna().any() else seconds
 
 
 def canonical_interactions(
@@ -105,20 +99,10 @@ def canonical_interactions(
     mapping = {getattr(cols, c): c for c in INTERACTION_COLUMNS}
     require_columns(df, list(mapping), path)
     out = df[list(mapping)].rename(columns=mapping)
-    out["user_id"] = _as_id(out["user_id"])
-    out["item_id"] = _as_id(out["item_id"])
-    rating = pd.to_numeric(out["rating"], errors="coerce")
-    bad = out["rating"][rating.isna() & out["rating"].notna()]
-    if len(bad):
-        raise DataValidationError(
-            f"{path}: column 'rating' has non-numeric values, e.g. {bad.head(3).tolist()}",
-            file=str(path),
-            column="rating",
-            expectation="rating is numeric",
-            examples=bad.head(3).tolist(),
-        )
-    out["rating"] = rating.astype("float64")
-    out["timestamp"] = _to_unix_seconds(out["timestamp"], timestamp_unit, path)
+    out["user_id"] = as_id(out["user_id"], "user_id", path)
+    out["item_id"] = as_id(out["item_id"], "item_id", path)
+    out["rating"] = as_rating(out["rating"], "rating", path)
+    out["timestamp"] = as_unix_seconds(out["timestamp"], timestamp_unit, path)
     return out.reset_index(drop=True)
 
 
@@ -128,24 +112,21 @@ def canonical_items(
     """Rename mapped item columns; year stays raw text here (merge repairs or excludes bad ones)."""
     cols = columns or ColumnMap()
     require_columns(df, [cols.item_id, cols.title], path)
-    out = pd.DataFrame({"item_id": _as_id(df[cols.item_id]), "title": df[cols.title].astype("string")})
-    out["year"] = df[cols.year].astype("string") if cols.year in df.columns else pd.NA
-    genres = df[cols.genres].astype("string") if cols.genres in df.columns else pd.Series("", index=df.index)
+    out = pd.DataFrame(
+        {"item_id": as_id(df[cols.item_id], "item_id", path), "title": as_text(df[cols.title], "title", path)}
+    )
+    out["year"] = as_text(df[cols.year], "year", path) if cols.year in df.columns else pd.NA
+    genres = (
+        as_text(df[cols.genres], "genres", path)
+        if cols.genres in df.columns
+        else pd.Series("", index=df.index, dtype="string")
+    )
     out["genres"] = (
         genres.fillna("").str.replace(genre_separator, "|", regex=False)
         if genre_separator != "|"
         else genres.fillna("")
     )
     return out.astype({"year": "string", "genres": "string"}).reset_index(drop=True)
-
-
-def _as_id(values: pd.Series) -> pd.Series:
-    """Ids as strings; integral floats (1.0) become '1'; missing stays missing."""
-    if pd.api.types.is_float_dtype(values):
-        values = values.map(
-            lambda v: pd.NA if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v))
-        )
-    return values.astype("string").str.strip()
 
 
 # ---------------------------------------------------------------- sources

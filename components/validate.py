@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ import great_expectations.expectations as gxe
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
+from components.columns import as_year, short
 from components.config import Settings, ValidateSettings
+from components.drops import check_limits, open_drop, refuse_non_drops
 from components.errors import DataValidationError
 from components.io import write_json_atomic
 from components.sources import canonical_interactions, canonical_items, read_table
@@ -135,7 +138,7 @@ def _summarise(check: TableCheck, run) -> dict:
                 "kwargs": kwargs,
                 "unexpected_count": res.get("unexpected_count"),
                 "observed_value": res.get("observed_value"),
-                "examples": [_plain(v) for v in (res.get("partial_unexpected_list") or [])[:5]],
+                "examples": [short(v) for v in (res.get("partial_unexpected_list") or [])[:5]],
                 "exception": (r.exception_info or {}).get("exception_message") if r.exception_info else None,
             }
         )
@@ -147,10 +150,6 @@ def _summarise(check: TableCheck, run) -> dict:
         "expectations": len(run.results),
         "failures": failures,
     }
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
 
 
 def raise_on_failure(summaries: list[dict]) -> None:
@@ -206,23 +205,33 @@ def validate_snapshot(settings: Settings, raw: Path, docs_dir: Path | None) -> l
 
 
 def drop_items_path(path: Path) -> Path | None:
-    """The optional items file of a drop: <stem>.items.csv|parquet beside it."""
+    """The optional items file of a drop: <stem>.items.csv|parquet beside it (a link too: it is judged,
+    and refused, rather than ignored)."""
     for suffix in (".parquet", ".csv"):
         candidate = path.with_name(f"{path.stem}.items{suffix}")
-        if candidate.exists():
+        if os.path.lexists(candidate):
             return candidate
     return None
 
 
+def read_drop_file(path: Path, cfg: ValidateSettings) -> pd.DataFrame:
+    """One drop file, opened without following links, its size and rows checked before it is read."""
+    with open_drop(path) as fh:
+        check_limits(fh, path, cfg)
+        return read_table(path, fh)
+
+
 def load_drop(settings: Settings, path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Read a drop (and its items file) into canonical tables; unreadable input raises with the file."""
-    cols = settings.data.files.columns
-    inter = canonical_interactions(read_table(path), path, cols, settings.data.files.timestamp_unit)
+    files, cfg = settings.data.files, settings.validate_
+    inter = canonical_interactions(read_drop_file(path, cfg), path, files.columns, files.timestamp_unit)
     items_path = drop_items_path(path)
     items = None
     if items_path is not None:
-        items = canonical_items(read_table(items_path), items_path, cols, settings.data.files.genre_separator)
-        items["year"] = pd.to_numeric(items["year"], errors="coerce").astype("Int64")
+        items = canonical_items(
+            read_drop_file(items_path, cfg), items_path, files.columns, files.genre_separator
+        )
+        items["year"] = as_year(items["year"], "year", items_path)
     return inter, items
 
 
@@ -259,6 +268,7 @@ def validate_path(settings: Settings, path: Path | None, raw: Path, reports: Pat
         write_json_atomic(reports / "summary.json", summary)
         raise_on_failure(summaries)
     else:
+        refuse_non_drops([Path(path)])
         catalogue = read_table(raw / "items.parquet")
         _, _, summaries = validate_drop(settings, Path(path), catalogue, docs)
         summary = {"target": str(path), "success": True, "tables": summaries}

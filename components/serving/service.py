@@ -21,6 +21,7 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
 from starlette.responses import HTMLResponse, JSONResponse
 
+from components import registry
 from components.errors import RequestError
 from components.serving import production
 from components.serving.batching import BatchQueue
@@ -75,6 +76,7 @@ class RsllmService:
         threads = int(os.environ.get("RSLLM_TORCH_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)) - 1)
         torch.set_num_threads(threads)
         model, base = self.model_ref, self.base_ref
+        verified = registry.verify_model(model)  # RegistryError naming a changed file; False: no checksums
         meta = model.info.metadata
         info = {
             "model_version": str(model.tag),
@@ -88,6 +90,7 @@ class RsllmService:
             "rerank_default": bool(meta.get("rerank_default", False)),
             "rerank_reason": meta.get("rerank_reason") or "stored before the rerank rule: rerank off",
             "source": PRODUCTION.source,
+            "verified": verified,
         }
         self.engine = Engine(
             Path(model.path),

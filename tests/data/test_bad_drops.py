@@ -9,9 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from components.columns import as_year
 from components.config import load_settings
 from components.data import replay_week
+from components.errors import DataValidationError
 from components.ingest import ingest
+from components.sources import canonical_interactions
 from tests.helpers import rsllm, tree_digest
 
 
@@ -102,8 +105,86 @@ RAW_FILES = {
     "latin1.csv": ("user_id,item_id,rating,timestamp\nJosé,1,4,883700000\n".encode("latin-1"), "not UTF-8"),
     "noheader.csv": (b"1,2,4,883700000\n3,4,5,883700001\n", "missing column"),
     "garbage.parquet": (b"this is not a parquet file at all", "cannot be read as PARQUET"),
-    "notes.json": (b'{"user_id": 1}', "unsupported file type"),
 }
+
+
+def whole_column(column, make):
+    def corrupt(df):
+        df[column] = [make(v) for v in df[column]]
+        return df
+
+    return corrupt
+
+
+def float_timestamp(value, row=2):
+    def corrupt(df):
+        df["timestamp"] = df["timestamp"].astype("float64")
+        df.loc[df.index[row], "timestamp"] = value
+        return df
+
+    return corrupt
+
+
+# name -> (corruption, column, words in the message, an offending value the message shows)
+TYPED_CORRUPTIONS = {
+    "fractional_timestamp.parquet": (float_timestamp(889000000.5), "timestamp", "fractional", "889000000.5"),
+    "overflowing_timestamp.parquet": (float_timestamp(1e30), "timestamp", "out of range", "1e+30"),
+    "fractional_timestamp.csv": (
+        set_value("timestamp", "889000000.5"),
+        "timestamp",
+        "fractional",
+        "889000000.5",
+    ),
+    "overflowing_timestamp.csv": (set_value("timestamp", "1e30"), "timestamp", "out of range", "1e30"),
+    "datetime_timestamp.parquet": (
+        lambda df: df.assign(timestamp=pd.to_datetime(df["timestamp"], unit="s")),
+        "timestamp",
+        "holds datetimes",
+        "Timestamp(",
+    ),
+    "list_user_ids.parquet": (whole_column("user_id", lambda v: [int(v)]), "user_id", "lists", "array(["),
+    "dict_item_ids.parquet": (whole_column("item_id", lambda v: {"id": v}), "item_id", "mappings", "{'id':"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TYPED_CORRUPTIONS))
+def test_values_of_the_wrong_type_are_rejected_naming_column_and_values(project, name):
+    corrupt, column, words, shown = TYPED_CORRUPTIONS[name]
+    drop = corrupt(good_drop(project).reset_index(drop=True))
+    path = project / "data/incoming" / name
+    drop.to_parquet(path, index=False) if name.endswith(".parquet") else drop.to_csv(path, index=False)
+    before = tree_digest(project / "data/raw", project / "data/prepared", project / "data/accepted")
+    result = ingest(load_settings(project / "params.yaml"), None, project)
+    reason = assert_rejected(project, before, result, name, column, words)
+    assert reason["error"] == "DataValidationError" and reason["column"] == column
+    assert shown in reason["message"], reason["message"]
+
+
+MIXED = {
+    "user_id": ([1, "u2", 3], 'e.g. ["u2"]'),
+    "item_id": ([[1], "2", "3"], "e.g. ['[1]']"),
+    "rating": ([4.0, "x", 3.0], "e.g. ['x']"),
+    "timestamp": ([889000000, "889000001", 889000002], "e.g. ['889000001']"),
+}
+
+
+@pytest.mark.parametrize("column", sorted(MIXED))
+def test_a_column_mixing_kinds_of_values_is_rejected(column):
+    values, shown = MIXED[column]
+    frame = pd.DataFrame(
+        {"user_id": ["1", "2", "3"], "item_id": ["1", "2", "3"], "rating": [4.0, 3.0, 5.0]}
+        | {"timestamp": [889000000, 889000001, 889000002]}
+    )
+    frame[column] = pd.Series(values, dtype=object)
+    with pytest.raises(DataValidationError) as info:
+        canonical_interactions(frame, "drop.parquet")
+    assert info.value.column == column and str(info.value).startswith("drop.parquet: column")
+    assert shown.replace('"', "'") in str(info.value), str(info.value)
+
+
+def test_a_fractional_year_in_an_items_file_is_rejected():
+    with pytest.raises(DataValidationError, match="year.*not whole numbers.*1995.5"):
+        as_year(pd.Series(["1995", "1995.5"], dtype="string"), "year", "drop.items.csv")
 
 
 @pytest.mark.parametrize("name", sorted(RAW_FILES))

@@ -122,7 +122,10 @@ def test_score_is_the_evaluation_protocol_over_http(client, promoted):
     test = pd.read_parquet(promoted["prepared"] / "test.parquet").sort_values("user_idx").head(2)
     model_dir = Path(registry.get_model(promoted["model_tag"]).path)
     base_dir = Path(registry.get_model(promoted["base_tag"]).path)
-    want = evaluate_split(base_dir, model_dir / "llm", promoted["prepared"], rows=test, device="cpu")
+    # the server runs with RSLLM_LLM_DTYPE=float32; the evaluation with llm.dtype float32 (same rule)
+    want = evaluate_split(
+        base_dir, model_dir / "llm", promoted["prepared"], rows=test, device="cpu", dtype="float32"
+    )
     for row, expected in zip(test.itertuples(), want.itertuples(), strict=True):
         body = {"history": [f"i{i}" for i in row.history], "candidates": [f"i{c}" for c in row.candidates]}
         r = _post(client, "/score", body)
@@ -214,7 +217,7 @@ BAD = [
     ("unknown ids", "/recommend", {"history": ["i1", "zz9", 12345]}, 400, "zz9"),
     ("k zero", "/recommend", {"history": ["i1"], "k": 0}, 400, '"k"'),
     ("k too large", "/recommend", {"history": ["i1"], "k": 101, "rerank": False}, 400, '"k"'),
-    ("k above candidates", "/recommend", {"history": ["i1"], "k": 30}, 400, "candidates"),
+    ("k above candidates", "/recommend", {"history": ["i1"], "k": 30, "rerank": True}, 400, "candidates"),
     ("k as string", "/recommend", {"history": ["i1"], "k": "3"}, 400, '"k"'),
     ("k as float", "/recommend", {"history": ["i1"], "k": 2.5}, 400, '"k"'),
     ("rerank as string", "/recommend", {"history": ["i1"], "rerank": "yes"}, 400, "rerank"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -78,6 +79,94 @@ def test_gc_keeps_newest_and_production(tmp_path):
     remaining = {str(m.tag) for m in bentoml.models.list(registry.MODEL_NAME)}
     assert tags[0] in remaining and tags[-1] in remaining
     assert set(deleted) >= set(tags[1:3]) and not (set(tags[1:3]) & remaining)
+
+
+def test_rollback_walks_back_through_the_history_skipping_deleted_models(tmp_path):
+    repo = tmp_path / "repo"
+    a, b, c, d = (registry.save_candidate(candidate_parts(tmp_path / f"r{i}", 10 + i), {}) for i in range(4))
+    for tag in (a, b, c, d):
+        registry.promote(tag, repo)
+    assert registry.rollback(repo)["model_tag"] == c
+    bentoml.models.delete(b)  # as `rsllm gc` would
+    back = registry.rollback(repo)
+    assert back["model_tag"] == a and back["previous"] is None  # B skipped; not back to D
+    with pytest.raises(RegistryError, match=f"history.jsonl has no model before {a}"):
+        registry.rollback(repo)
+    registry.promote(d, repo)  # a promotion after rollbacks: rollback returns to A, where it came from
+    assert registry.rollback(repo)["model_tag"] == a
+
+
+def test_rollback_twice_after_one_promotion_does_not_return_to_the_newer_model(tmp_path):
+    repo = tmp_path / "repo"
+    a, b = (registry.save_candidate(candidate_parts(tmp_path / f"t{i}", 20 + i), {}) for i in range(2))
+    registry.promote(a, repo)
+    registry.promote(b, repo)
+    assert registry.rollback(repo)["model_tag"] == a
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        registry.rollback(repo)
+    assert registry.read_production(repo)["model_tag"] == a
+
+
+def test_gc_keeps_the_model_a_rollback_returns_to(tmp_path):
+    repo = tmp_path / "repo"
+    tags = [registry.save_candidate(candidate_parts(tmp_path / f"k{i}", 30 + i), {}) for i in range(3)]
+    for tag in tags:
+        registry.promote(tag, repo)
+    assert registry.rollback(repo)["previous"] == tags[0]  # production tags[1], a rollback goes to tags[0]
+    registry.gc(repo, keep=1)
+    assert registry.rollback(repo)["model_tag"] == tags[0]
+
+
+@pytest.mark.parametrize("content", ['{"x": 1}', "[]", '{"model_tag": 3}', "not json"])
+def test_a_broken_pointer_is_a_registry_error_and_promote_repairs_it(tmp_path, content):
+    repo = tmp_path / "repo"
+    tag = registry.save_candidate(candidate_parts(tmp_path / "p", 40), {})
+    pointer = repo / registry.POINTER
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text(content)
+    for call in (registry.read_production, registry.rollback, registry.production_model, registry.gc):
+        with pytest.raises(RegistryError, match="production.json") as info:
+            call(repo)
+        assert "rsllm promote" in str(info.value)
+    assert registry.promote(tag, repo)["model_tag"] == tag  # the way out
+    assert registry.production_model(repo).tag == bentoml.models.get(tag).tag
+
+
+def test_a_pointer_to_a_deleted_model_is_a_registry_error(tmp_path):
+    repo = tmp_path / "repo"
+    tag = registry.save_candidate(candidate_parts(tmp_path / "g", 50), {})
+    registry.promote(tag, repo)
+    bentoml.models.delete(tag)
+    with pytest.raises(RegistryError, match=f"production.json points at a missing model.*{tag}"):
+        registry.production_model(repo)
+
+
+def test_stored_files_are_checksummed_and_verified(tmp_path):
+    parts = candidate_parts(tmp_path / "v", 60)
+    model = bentoml.models.get(registry.save_candidate(parts, {"metrics": {"hr@1": 0.1}}))
+    sums = model.info.metadata["checksums"]
+    assert set(sums) == {"onnx/encoder.onnx", "items.json"}
+    assert sums["items.json"] == hashlib.sha256((tmp_path / "v/items.json").read_bytes()).hexdigest()
+    assert registry.verify_model(model) is True
+
+    stored = Path(model.path)
+    (stored / "items.json").write_text(json.dumps({"1": "Jumanji"}))
+    with pytest.raises(RegistryError, match="items.json has sha256"):
+        registry.verify_model(model)
+    (stored / "items.json").write_text(json.dumps({"1": "Toy Story"}))
+    (stored / "onnx/extra.bin").write_bytes(b"x")
+    with pytest.raises(RegistryError, match="extra.bin was added"):
+        registry.verify_model(model)
+    (stored / "onnx/extra.bin").unlink()
+    (stored / "onnx/encoder.onnx").unlink()
+    with pytest.raises(RegistryError, match="encoder.onnx is missing"):
+        registry.verify_model(model)
+
+
+def test_a_legacy_bundle_without_checksums_loads_unverified(tmp_path):
+    with bentoml.models.create(registry.MODEL_NAME, metadata={"metrics": {}}) as model:
+        (Path(model.path) / "items.json").write_text("{}")
+    assert registry.verify_model(bentoml.models.get(model.tag)) is False
 
 
 PROMOTE_LOOP = """
