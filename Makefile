@@ -5,9 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install browser demo test lint fmt clean
 
-# data/accepted is tracked by data/accepted.dvc; git keeps no empty folder and `dvc repro` needs it.
 install: $(STAMP)
-	@mkdir -p data/accepted
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -76,11 +76,12 @@ def merge(
     accepted: Path = typer.Option(Path("data/accepted")),
     out: Path = typer.Option(Path("data/raw")),
     report: Path = typer.Option(Path("reports/merge.json")),
+    manifest: Path = typer.Option(Path("data/manifest.jsonl"), help="accepted drops, in acceptance order"),
 ) -> None:
     """Build data/raw/ from the source snapshot (up to the cutoff) plus every accepted drop."""
     from components import data
 
-    _print_json(data.merge(_settings(params), fetched, accepted, out, report))
+    _print_json(data.merge(_settings(params), fetched, accepted, out, report, manifest))
 
 
 @app.command()
@@ -172,12 +173,12 @@ def ingest(
     params: ParamsOpt = DEFAULT_PARAMS,
     no_version: bool = typer.Option(False, "--no-version", help="merge but record no data version"),
 ) -> None:
-    """Validate waiting drops; merge those that pass, quarantine the rest, record a data version."""
+    """Validate waiting drops; commit those that pass as one data version, quarantine the rest (exit 1)."""
     from components import ingest as ing
 
     result = ing.ingest(_settings(params), paths or None, Path("."), record_version=not no_version)
     _print_json(result)
-    if result["rejected"]:
+    if result["rejected"] or result["waiting"]:
         raise typer.Exit(1)
 
 
@@ -346,12 +347,14 @@ def gc(
     """Delete old models (never production or its previous) and stale checkpoints, then `dvc gc`."""
     from components import registry, versioning
     from components.llm.checkpoints import prune_runs
+    from components.lock import repo_lock
 
     s = _settings(params)
-    deleted = registry.gc(Path("."), keep or s.registry.keep_models)
-    checkpoints = prune_runs(s.llm.checkpoint_dir, s.registry.keep_checkpoints)
-    # every data version stays restorable: DVC keeps the data of the workspace and of every tag
-    versioning.run(["dvc", "gc", "--workspace", "--all-tags", "-f", "-q"], Path("."))
+    with repo_lock(Path("."), "gc"):
+        deleted = registry.gc(Path("."), keep or s.registry.keep_models)
+        checkpoints = prune_runs(s.llm.checkpoint_dir, s.registry.keep_checkpoints)
+        # every data version stays restorable: DVC keeps the data of the workspace and of every tag
+        versioning.run(["dvc", "gc", "--workspace", "--all-tags", "-f"], Path("."))
     _print_json({"deleted_models": deleted, "deleted_checkpoints": checkpoints})
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.errors import ConfigError
+from components.lock import LockSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = Path("params.yaml")  # relative to the working directory (the repo root)
@@ -322,6 +323,7 @@ class Settings(_Section):
     gate: GateSettings = GateSettings()
     registry: RegistrySettings = RegistrySettings()
     drift: DriftSettings = DriftSettings()
+    lock: LockSettings = LockSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,6 +1,7 @@
 """The merged current snapshot and weekly drops.
 
-  merge        data/fetched (up to the cutoff in weekly mode) + data/accepted/* -> data/raw/ (cleaned)
+  merge        data/fetched (up to the cutoff in weekly mode) + the drops of data/manifest.jsonl, in
+               acceptance order -> data/raw/ (cleaned)
   replay_week  the next held-back week of the source -> data/incoming/week-YYYY-MM-DD.parquet
 
 Sources and the canonical tables are in components/sources.py.
@@ -19,6 +20,7 @@ import pandas as pd
 from components.config import Settings
 from components.errors import DataValidationError, SourceError
 from components.io import atomic_dir, atomic_file, write_json_atomic
+from components.manifest import MANIFEST, accepted_files
 
 log = logging.getLogger(__name__)
 
@@ -114,30 +116,15 @@ def clean_catalogue(items: pd.DataFrame, max_bad_share: float, path: str) -> tup
 # ---------------------------------------------------------------- merge (dvc stage)
 
 
-def accepted_drops(accepted: Path) -> list[tuple[Path, Path | None]]:
-    """Accepted drops in name order: (interactions parquet, optional items parquet)."""
-    if not accepted.is_dir():
-        return []
-    drops = sorted(p for p in accepted.glob("*.parquet") if not p.name.endswith(".items.parquet"))
-    return [
-        (
-            p,
-            p.with_name(p.stem + ".items.parquet")
-            if p.with_name(p.stem + ".items.parquet").exists()
-            else None,
-        )
-        for p in drops
-    ]
-
-
 def cutoff_seconds(settings: Settings) -> int:
     return int(dt.datetime.combine(settings.data.cutoff, dt.time(), tzinfo=dt.UTC).timestamp())
 
 
 def merge_tables(
-    settings: Settings, fetched: Path, accepted: Path
+    settings: Settings, fetched: Path, accepted: Path, manifest: Path = MANIFEST
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Pure part of merge: snapshot (cut) + drops, deduped on (user, item, timestamp), catalogue cleaned."""
+    """Pure part of merge: snapshot (cut) + drops in acceptance order (the manifest), deduped on
+    (user, item, timestamp) keeping the first, catalogue cleaned."""
     inter = pd.read_parquet(fetched / "interactions.parquet")
     items = pd.read_parquet(fetched / "items.parquet")
     report: dict = {"source_rows": len(inter)}
@@ -146,7 +133,7 @@ def merge_tables(
         report["cutoff"] = str(settings.data.cutoff)
     report["snapshot_rows"] = len(inter)
     frames, drop_items, drops = [inter], [], []
-    for inter_path, items_path in accepted_drops(accepted):
+    for inter_path, items_path in accepted_files(manifest, accepted):
         drop = pd.read_parquet(inter_path)
         frames.append(drop)
         drops.append({"drop": inter_path.name, "rows": len(drop)})
@@ -179,11 +166,13 @@ def merge_tables(
     return merged, items, report
 
 
-def merge(settings: Settings, fetched: Path, accepted: Path, out: Path, report_path: Path) -> dict:
+def merge(
+    settings: Settings, fetched: Path, accepted: Path, out: Path, report_path: Path, manifest: Path = MANIFEST
+) -> dict:
     """dvc stage `merge`: write data/raw/ and the merge report atomically."""
     if not (fetched / "interactions.parquet").exists():
         raise SourceError(f"{fetched}/interactions.parquet: not found; run `rsllm fetch` first")
-    merged, items, report = merge_tables(settings, fetched, accepted)
+    merged, items, report = merge_tables(settings, fetched, accepted, manifest)
     with atomic_dir(out) as tmp:
         merged.to_parquet(tmp / "interactions.parquet", index=False)
         items.to_parquet(tmp / "items.parquet", index=False)

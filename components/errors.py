@@ -43,6 +43,10 @@ class VersioningError(RsllmError):
     """A data version could not be recorded, pushed or restored."""
 
 
+class LockError(RsllmError):
+    """Another writer holds the repository lock (components/lock.py) past this command's timeout."""
+
+
 class ModelError(RsllmError):
     """A model could not be trained, saved or loaded (missing input file, bad config, diverged loss)."""
 

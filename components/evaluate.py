@@ -175,12 +175,16 @@ def rerank_on_retrieval(
         if col >= 0:
             rerank_ranks[r] = target_ranks(np.array([scores]), np.array([col]))[0]
     out = {"users": int(len(rows)), "retrieved": retrieve, "k": k}
+    ndcg = {}
     for name, ranks in (("retrieval", full_ranks), ("rerank", rerank_ranks)):
+        ndcg[name] = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)  # [U]
         out[name] = {
             f"hr@{k}": round(float((ranks < k).mean()), 6),
-            f"ndcg@{k}": round(float(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0).mean()), 6),
+            f"ndcg@{k}": round(float(ndcg[name].mean()), 6),
         }
     out[f"gain_ndcg@{k}"] = round(out["rerank"][f"ndcg@{k}"] - out["retrieval"][f"ndcg@{k}"], 6)
+    lo, hi = bootstrap_ci(ndcg["rerank"] - ndcg["retrieval"], settings.seed)  # paired: the same users
+    out[f"gain_ndcg@{k}_ci95"] = [round(lo, 6), round(hi, 6)]
     out[f"gain_hr@{k}"] = round(out["rerank"][f"hr@{k}"] - out["retrieval"][f"hr@{k}"], 6)
     return out
 

@@ -76,9 +76,11 @@ def rerank_default(rr: dict | None, min_gain: float) -> tuple[bool, str]:
     if gain is None:
         return False, f"the rerank-on-retrieval figures lack gain_ndcg@{k}"
     ret, rer = rr["retrieval"][f"ndcg@{k}"], rr["rerank"][f"ndcg@{k}"]
+    ci = rr.get(f"gain_ndcg@{k}_ci95")
+    shown = f", 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
     line = (
         f"LLM rerank NDCG@{k} {rer:.4f} vs retrieval {ret:.4f} on {rr.get('users')} users "
-        f"(gain {gain:+.4f}, minimum {min_gain})"
+        f"(gain {gain:+.4f}{shown}, minimum {min_gain})"
     )
     return gain >= min_gain, line
 

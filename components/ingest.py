@@ -4,10 +4,16 @@ A drop is data/incoming/<name>.csv|parquet (interactions), optionally with <name
   judge  -> the file checks of components/drops.py (a regular file, never a link; size and rows from
             metadata), the expectations of components/validate.py, then no change to accepted data
             (components/drops.py). Any error while judging, expected or not, rejects the drop.
-  pass   -> data/accepted/<name>.parquet (+ .items.parquet), original moved to data/archive/,
-            `dvc add data/accepted`, `dvc repro validate` rebuilds data/raw, a data version is recorded.
+  pass   -> the drops that pass are committed together as one transaction (components/transaction.py):
+            data/accepted/<name>.parquet (+ .items.parquet) and a manifest line, merged into data/raw,
+            pushed, committed and tagged data/vN; only then are the originals moved to data/archive/.
+            A failure while committing (a lock, the disk, the remote, a kill) rolls it all back and
+            the drops wait in data/incoming/ for the next run; a content fault first seen at merge
+            time quarantines the drop it names.
   fail   -> moved to data/quarantine/ beside <name>.reason.json; data/raw, data/prepared and models
             are not touched and nothing downstream runs.
+All of it runs under the repository lock (components/lock.py); a run first completes or rolls back
+a transaction a killed run left half-done.
 A path given explicitly that is not a drop file (dvc.yaml, a folder, a link) is refused before
 anything is read or moved (DropPathError; the CLI exits 2).
 """
@@ -15,7 +21,6 @@ anything is read or moved (DropPathError; the CLI exits 2).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import shutil
@@ -23,14 +28,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from components import versioning
+from components import transaction, versioning
 from components.columns import short
 from components.config import Settings
 from components.drops import KEYS, check_item_titles, check_ratings, is_drop_name, refuse_non_drops
 from components.errors import DataValidationError, RsllmError, SourceError
-from components.io import atomic_file, write_json_atomic
+from components.io import write_json_atomic
+from components.lock import repo_lock
 from components.sources import read_table
-from components.validate import drop_items_path, validate_drop
+from components.transaction import Judged
+from components.validate import DROP_DOCS, drop_items_path, validate_drop
 
 log = logging.getLogger(__name__)
 
@@ -72,34 +79,22 @@ def quarantine(drop: Path, error: Exception, quarantine_dir: Path, *, kind: str 
     return reason
 
 
-def accept(
-    drop: Path, inter: pd.DataFrame, items: pd.DataFrame | None, accepted: Path, archive: Path
-) -> list[Path]:
-    """Write the canonical drop into data/accepted (atomically) and archive the original files."""
-    written = []
-    with atomic_file(accepted / f"{drop.stem}.parquet") as fh:
-        inter.to_parquet(fh, index=False)
-    written.append(accepted / f"{drop.stem}.parquet")
-    if items is not None:
-        with atomic_file(accepted / f"{drop.stem}.items.parquet") as fh:
-            items.to_parquet(fh, index=False)
-        written.append(accepted / f"{drop.stem}.items.parquet")
-    archive.mkdir(parents=True, exist_ok=True)
-    for path in (drop, drop_items_path(drop)):
-        if path is not None and path.exists():
-            shutil.move(str(path), archive / path.name)
-    return written
-
-
 def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_version: bool = True) -> dict:
-    """Judge each waiting drop (or each of `paths`); merge those that pass into data/raw and record a
-    data version. A path that is not a drop file is refused (DropPathError) before anything moves."""
+    """Judge each waiting drop (or each of `paths`); commit those that pass as one transaction
+    (merged into data/raw and versioned), quarantine the rest. A path that is not a drop file is
+    refused (DropPathError) before anything moves. Held under the repository lock."""
     repo = Path(repo)
-    data = repo / "data"
     if paths:
         refuse_non_drops([Path(p) for p in paths])
-    drops = [Path(p) for p in paths] if paths else waiting_drops(data / "incoming")
-    result: dict = {"accepted": [], "rejected": [], "version": None}
+    with repo_lock(repo, "ingest"):
+        return _ingest(settings, [Path(p) for p in paths or []], repo, record_version)
+
+
+def _ingest(settings: Settings, paths: list[Path], repo: Path, record_version: bool) -> dict:
+    data = repo / "data"
+    result: dict = {"accepted": [], "rejected": [], "waiting": [], "version": None}
+    result["recovered"] = transaction.recover(repo)
+    drops = paths or waiting_drops(data / "incoming")
     if not drops:
         result["message"] = f"no drops waiting in {data / 'incoming'}"
         return result
@@ -107,16 +102,14 @@ def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_v
         versioning.check_committable(repo)  # refuse before anything moves
     catalogue = read_table(data / "raw" / "items.parquet")
     accepted = accepted_interactions(data / "raw" / "interactions.parquet")
-    written: list[Path] = []
+    batch: list[Judged] = []
     for drop in drops:
         try:
             inter, items = judge(settings, drop, catalogue, accepted, repo)
         except (DataValidationError, SourceError) as e:
             result["rejected"].append(_reject(drop, e, data / "quarantine"))
             continue
-        except (
-            Exception
-        ) as e:  # a bug or an input nobody foresaw: the drop is quarantined, never left waiting
+        except Exception as e:  # a bug or an input nobody foresaw: quarantined, never left waiting
             error = DataValidationError(
                 f"{drop}: unexpected error while judging the drop: {type(e).__name__}: {short(str(e), 200)}",
                 file=str(drop),
@@ -125,25 +118,45 @@ def ingest(settings: Settings, paths: list[Path] | None, repo: Path, *, record_v
             log.debug("unexpected error judging %s", drop, exc_info=True)
             result["rejected"].append(_reject(drop, error, data / "quarantine", kind=type(e).__name__))
             continue
-        written += accept(drop, inter, items, data / "accepted", data / "archive")
+        batch.append(Judged(drop, inter, items))
         if items is not None:
             catalogue = pd.concat([catalogue, items[~items["item_id"].isin(set(catalogue["item_id"]))]])
         accepted = pd.concat([accepted, inter[[*KEYS, "rating"]]], ignore_index=True)
-        result["accepted"].append(
-            {"drop": drop.name, "rows": len(inter), "users": int(inter["user_id"].nunique())}
-        )
-    if not written:
-        return result
-    try:
-        versioning.run(["dvc", "add", "-q", "data/accepted"], repo)
-        versioning.run(["dvc", "repro", "-q", "validate"], repo)  # fetch? -> merge -> validate
-    except RsllmError:
-        _undo_accept(repo, written)
-        raise
-    if record_version:
-        names = ", ".join(a["drop"] for a in result["accepted"])
-        result["version"] = versioning.record_version(repo, note=f"ingest {names}", check=False)
+    if batch:
+        _commit(repo, batch, result, record_version)
     return result
+
+
+def _commit(repo: Path, batch: list[Judged], result: dict, record_version: bool) -> None:
+    """Commit the batch; on failure it was rolled back: its drops wait (or, for a content fault
+    first seen at merge time, the drops it names are quarantined and the rest committed again)."""
+    names = [j.drop.name for j in batch]
+    try:
+        result["version"] = transaction.commit(
+            repo, batch, version=record_version, note=f"ingest {', '.join(names)}"
+        )
+    except RsllmError as e:
+        faulty = [
+            j for j in batch if "DataValidationError" in str(e) and f"accepted/{j.drop.stem}." in str(e)
+        ]
+        for j in faulty:
+            error = DataValidationError(
+                f"{j.drop}: rejected when merged: {short(str(e), 400)}",
+                file=str(j.drop),
+                expectation="drop merges",
+            )
+            result["rejected"].append(_reject(j.drop, error, repo / "data/quarantine"))
+        rest = [j for j in batch if j not in faulty]
+        if faulty and rest:
+            _commit(repo, rest, result, record_version)
+        elif not faulty:
+            result["waiting"] += names
+            result["error"] = f"{type(e).__name__}: {e}"
+            log.error("intake of %s rolled back, the drops wait in data/incoming: %s", names, e)
+        return
+    result["accepted"] += [
+        {"drop": j.drop.name, "rows": len(j.inter), "users": int(j.inter["user_id"].nunique())} for j in batch
+    ]
 
 
 def judge(
@@ -156,7 +169,7 @@ def judge(
             file=str(drop),
             expectation="drop name is new",
         )
-    inter, items, _ = validate_drop(settings, drop, catalogue, repo / "reports/validation/docs")
+    inter, items, _ = validate_drop(settings, drop, catalogue, repo / DROP_DOCS)
     items_path = drop_items_path(drop)
     check_item_titles(items, catalogue, items_path or drop)
     check_ratings(inter, accepted, drop)
@@ -177,15 +190,3 @@ def _reject(drop: Path, error: Exception, quarantine_dir: Path, kind: str | None
     reason = quarantine(drop, error, quarantine_dir, kind=kind)
     log.error("rejected %s: %s", drop.name, error)
     return reason
-
-
-def _undo_accept(repo: Path, written: list[Path]) -> None:
-    """A merge that fails after acceptance: take the new files out again and restore data/raw."""
-    for path in written:
-        path.unlink(missing_ok=True)
-    try:
-        versioning.run(["dvc", "add", "-q", "data/accepted"], repo)
-        versioning.run(["dvc", "checkout", "-q", "merge"], repo)
-    except RsllmError as e:  # pragma: no cover - best effort; the original error is what matters
-        log.error("could not restore data/raw after a failed merge: %s", e)
-    log.error("undid acceptance of %s", json.dumps([p.name for p in written]))

@@ -16,13 +16,18 @@ import yaml
 
 from components.config import load_settings
 from components.errors import ConfigError, RsllmError, VersioningError
-from components.versioning import IDENTITY, run, tool_env
+from components.lock import lock_settings
+from components.versioning import DATA_STAGES, DVC_LOCKED, IDENTITY, run, tool_env
 
 
 def dvc_stages(repo: Path) -> list[str]:
-    """Stage names in the order dvc.yaml defines them (upstream before downstream)."""
-    spec = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())
-    return list(spec.get("stages", {}))
+    """Stage names, upstream first: the data stages (`data/dvc.yaml:<name>`), then dvc.yaml's."""
+    stages = []
+    for rel, prefix in ((DATA_STAGES, f"{DATA_STAGES}:"), ("dvc.yaml", "")):
+        path = Path(repo) / rel
+        spec = yaml.safe_load(path.read_text()) if path.exists() else {}
+        stages += [prefix + name for name in (spec or {}).get("stages", {})]
+    return stages
 
 
 def pipeline_changed(repo: Path) -> bool:
@@ -34,14 +39,20 @@ def pipeline_changed(repo: Path) -> bool:
 def repro_stage(repo: Path, stage: str) -> dict:
     """`dvc repro <stage>`; on failure restore its last good outputs (`dvc checkout`) and re-raise."""
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", stage],
-        cwd=repo,
-        env=tool_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    while True:  # DVC's own lock held by another DVC process: wait up to params lock.dvc
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", stage],
+            cwd=repo,
+            env=tool_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if proc.returncode == 0 or DVC_LOCKED not in proc.stdout:
+            break
+        if time.monotonic() - started > lock_settings(repo).dvc:
+            break
+        time.sleep(1.0)
     out = proc.stdout  # the stage's own output (training progress, resumes) interleaved with dvc's
     try:
         if proc.returncode != 0:

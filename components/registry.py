@@ -9,7 +9,8 @@
 
 Promotion is atomic: the model is saved into the store first (BentoML writes it in a temp folder
 and moves it in), then the pointer is replaced in one rename. A crash at any point leaves either
-the old or the new production, never a mix.
+the old or the new production, never a mix. Promote, rollback and gc hold the repository lock
+(components/lock.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import bentoml
 
 from components.errors import RegistryError
 from components.io import sha256_of, write_json_atomic
+from components.lock import repo_lock
 
 MODEL_NAME = "rsllm"
 CHECKSUMS = "checksums"  # metadata key: {relative path: sha256} of every file of a candidate bundle
@@ -154,20 +156,21 @@ def promote(tag: str, repo: Path = Path("."), *, action: str = "promote", **info
 
     `previous` is the model a rollback would now return to (after a promotion: the one it replaced).
     """
-    model = _get(tag)
-    stack = _after(promotion_stack(repo), str(model.tag), action)
-    pointer = {
-        "model_tag": str(model.tag),
-        "base_tag": model.info.metadata.get("base_tag"),
-        "data_version": model.info.metadata.get("data_version"),
-        "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "previous": stack[-2] if len(stack) > 1 else None,
-        "action": action,
-    } | info
-    write_json_atomic(Path(repo) / POINTER, pointer)
-    with open(Path(repo) / HISTORY, "a") as fh:
-        fh.write(json.dumps(pointer, sort_keys=True) + "\n")
-    return pointer
+    with repo_lock(repo, "promote"):
+        model = _get(tag)
+        stack = _after(promotion_stack(repo), str(model.tag), action)
+        pointer = {
+            "model_tag": str(model.tag),
+            "base_tag": model.info.metadata.get("base_tag"),
+            "data_version": model.info.metadata.get("data_version"),
+            "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "previous": stack[-2] if len(stack) > 1 else None,
+            "action": action,
+        } | info
+        write_json_atomic(Path(repo) / POINTER, pointer)
+        with open(Path(repo) / HISTORY, "a") as fh:
+            fh.write(json.dumps(pointer, sort_keys=True) + "\n")
+        return pointer
 
 
 def promotion_stack(repo: Path = Path(".")) -> list[str]:
@@ -202,23 +205,24 @@ def _after(stack: list[str], tag: str, action: str) -> list[str]:
 def rollback(repo: Path = Path("."), to: str | None = None) -> dict:
     """Point production back at the model before it in the promotion history (skipping models no
     longer in the store), or at `to`."""
-    if to is None:
-        if read_production(repo) is None:  # a broken pointer raises here, naming the file
-            raise RegistryError("nothing to roll back to: nothing was promoted yet")
-        stack = promotion_stack(repo)
-        current = stack[-1] if stack else None
-        stored = {str(m.tag) for m in _list(MODEL_NAME)}
-        earlier = [tag for tag in stack[:-1] if tag in stored]
-        if not earlier:
-            gone = [tag for tag in stack[:-1] if tag not in stored]
-            raise RegistryError(
-                f"nothing to roll back to: {Path(repo) / HISTORY} has no model before {current} still in "
-                f"the store" + (f" (deleted: {', '.join(gone)})" if gone else "")
-            )
-        to = earlier[-1]
-    else:
-        current = _current_tag(repo)
-    return promote(to, repo, action="rollback", reason=f"rollback from {current}")
+    with repo_lock(repo, "promote"):
+        if to is None:
+            if read_production(repo) is None:  # a broken pointer raises here, naming the file
+                raise RegistryError("nothing to roll back to: nothing was promoted yet")
+            stack = promotion_stack(repo)
+            current = stack[-1] if stack else None
+            stored = {str(m.tag) for m in _list(MODEL_NAME)}
+            earlier = [tag for tag in stack[:-1] if tag in stored]
+            if not earlier:
+                gone = [tag for tag in stack[:-1] if tag not in stored]
+                raise RegistryError(
+                    f"nothing to roll back to: {Path(repo) / HISTORY} has no model before {current} still in "
+                    f"the store" + (f" (deleted: {', '.join(gone)})" if gone else "")
+                )
+            to = earlier[-1]
+        else:
+            current = _current_tag(repo)
+        return promote(to, repo, action="rollback", reason=f"rollback from {current}")
 
 
 def _current_tag(repo: Path) -> str | None:
@@ -250,20 +254,21 @@ def list_models(repo: Path = Path(".")) -> list[dict]:
 
 def gc(repo: Path = Path("."), keep: int = 3) -> list[str]:
     """Delete all but the newest `keep` models, never production or its previous; then unused bases."""
-    pointer = read_production(repo) or {}
-    protected = {pointer.get("model_tag"), pointer.get("previous")}
-    models = sorted(_list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True)
-    deleted = []
-    for model in models[keep:]:
-        if str(model.tag) not in protected:
-            bentoml.models.delete(model.tag)
-            deleted.append(str(model.tag))
-    used = {m.info.metadata.get("base_tag") for m in _list(MODEL_NAME)} | {pointer.get("base_tag")}
-    for base in _list(BASE_NAME):
-        if str(base.tag) not in used:
-            bentoml.models.delete(base.tag)
-            deleted.append(str(base.tag))
-    return deleted
+    with repo_lock(repo, "gc"):
+        pointer = read_production(repo) or {}
+        protected = {pointer.get("model_tag"), pointer.get("previous")}
+        models = sorted(_list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True)
+        deleted = []
+        for model in models[keep:]:
+            if str(model.tag) not in protected:
+                bentoml.models.delete(model.tag)
+                deleted.append(str(model.tag))
+        used = {m.info.metadata.get("base_tag") for m in _list(MODEL_NAME)} | {pointer.get("base_tag")}
+        for base in _list(BASE_NAME):
+            if str(base.tag) not in used:
+                bentoml.models.delete(base.tag)
+                deleted.append(str(base.tag))
+        return deleted
 
 
 def _list(name: str) -> list:

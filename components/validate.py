@@ -31,6 +31,7 @@ from components.sources import canonical_interactions, canonical_items, read_tab
 
 log = logging.getLogger(__name__)
 SITE = "rsllm"
+DROP_DOCS = Path("reports/validation/drops")  # data docs of single drops (ingest, `rsllm validate PATH`)
 
 
 @dataclass
@@ -260,8 +261,9 @@ def validate_drop(
 
 
 def validate_path(settings: Settings, path: Path | None, raw: Path, reports: Path) -> dict:
-    """`rsllm validate`: data/raw by default, or one drop file; summary JSON + data docs in `reports`."""
-    docs = reports / "docs"
+    """`rsllm validate`: data/raw by default (data docs in `reports`/docs, the validate stage's
+    output), or one drop file (docs in `reports`/drops, beside those ingest writes)."""
+    docs = reports / ("docs" if path is None else "drops")
     if path is None:
         summaries = validate_snapshot(settings, raw, docs)
         summary = {"target": str(raw), "success": all(s["success"] for s in summaries), "tables": summaries}

@@ -1,9 +1,11 @@
 """Data versions with DVC + git, the way DVC's docs teach.
 
-A version is a git commit that touches only `dvc.lock` and `data/accepted.dvc`, tagged `data/vN`
-(annotated; its message is a JSON line with the figures), made with a fixed author identity so it
-works in a clean clone with no git user configured, and pushed to the DVC remote. Any version reads
-back later with `dvc.api.open(path, rev="data/vN")` or is restored into the work tree with `restore`.
+A version is a git commit that touches only the data record (VERSIONED_FILES: the data stages' own
+lock data/dvc.lock, the data/accepted.dvc pointer, the acceptance manifest and the two small stage
+reports), made with a fixed author identity so it works in a clean clone with no git user
+configured, and tagged `data/vN` (annotated; its message is a JSON line with the figures) only after
+its data is in the DVC remote. Any version reads back later with
+`dvc.api.open(path, rev="data/vN")` or is restored into the work tree with `restore`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,11 +23,20 @@ from rich.console import Console
 from rich.table import Table
 
 from components.errors import VersioningError
+from components.lock import lock_settings, repo_lock
 
-# dvc.lock + the .dvc pointer, plus the small git-tracked reports the merge and validate stages write.
-VERSIONED_FILES = ("dvc.lock", "data/accepted.dvc", "reports/merge.json", "reports/validation/summary.json")
+# The data stages' lock, the .dvc pointer, the manifest, and the small reports merge and validate write.
+VERSIONED_FILES = (
+    "data/dvc.lock",
+    "data/accepted.dvc",
+    "data/manifest.jsonl",
+    "reports/merge.json",
+    "reports/validation/summary.json",
+)
+DATA_STAGES = "data/dvc.yaml"  # fetch, merge, validate: `dvc repro data/dvc.yaml:validate` runs them
 # A version is only restorable if the pipeline definition it ran with is committed too.
-MUST_BE_COMMITTED = ("dvc.yaml", "params.yaml")
+MUST_BE_COMMITTED = ("dvc.yaml", DATA_STAGES, "params.yaml")
+DVC_LOCKED = "Unable to acquire lock"  # DVC's message when another DVC process holds its lock
 TAG_PREFIX = "data/v"
 IDENTITY = {
     "GIT_AUTHOR_NAME": "rsllm-ops",
@@ -42,18 +54,38 @@ def tool_env() -> dict:
 
 
 def run(cmd: list[str], repo: Path, *, extra_env: dict | None = None) -> str:
-    """Run git or dvc in `repo`; a failure raises VersioningError with the tool's own message."""
+    """Run git or dvc in `repo`; a failure raises VersioningError with the tool's own message.
+
+    A DVC call that finds DVC's own lock held tries again for up to params `lock.dvc` seconds
+    (DVC itself gives up after 3 s; its `--wait-for-lock` would wait forever). Call DVC without
+    `-q`: that hides its error messages too (the output is captured anyway)."""
     exe = [sys.executable, "-m", "dvc", *cmd[1:]] if cmd[0] == "dvc" else cmd
-    proc = subprocess.run(exe, cwd=repo, capture_output=True, text=True, env=tool_env() | (extra_env or {}))
-    if proc.returncode != 0:
+    deadline, wait = None, 0.0
+    while True:
+        proc = subprocess.run(
+            exe, cwd=repo, capture_output=True, text=True, env=tool_env() | (extra_env or {})
+        )
+        if proc.returncode == 0:
+            return proc.stdout
         tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
+        if cmd[0] == "dvc" and DVC_LOCKED in proc.stderr + proc.stdout:
+            if deadline is None:
+                wait = lock_settings(repo).dvc
+                deadline = time.monotonic() + wait
+            if time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise VersioningError(
+                f"`{' '.join(cmd)}` in {repo}: another DVC process held DVC's lock for over "
+                f"{wait:g} s (params lock.dvc): {tail}"
+            )
         raise VersioningError(f"`{' '.join(cmd)}` failed in {repo}: {tail}")
-    return proc.stdout
 
 
 def check_committable(repo: Path) -> None:
     """Refuse to version when the pipeline definition or the tracked data pointer has local edits."""
-    status = run(["git", "status", "--porcelain", "--", *MUST_BE_COMMITTED, "data/accepted.dvc"], repo)
+    watched = [*MUST_BE_COMMITTED, "data/accepted.dvc", "data/manifest.jsonl"]
+    status = run(["git", "status", "--porcelain", "--untracked-files=no", "--", *watched], repo)
     dirty = [line[3:] for line in status.splitlines() if line.strip()]
     if dirty:
         raise VersioningError(
@@ -79,43 +111,63 @@ def snapshot_figures(repo: Path) -> dict:
     }
 
 
-def record_version(repo: Path, note: str = "", push: bool = True, check: bool = True) -> dict:
-    """Commit dvc.lock + data/accepted.dvc, tag the commit data/vN, and push the data to the remote.
-
-    `check=False` when the caller (ingest) checked before it changed data/accepted.dvc itself.
-    """
-    if check:
-        check_committable(repo)
+def next_tag(repo: Path) -> str:
+    """The next free data/vN."""
     tags = existing_tags(repo)
-    tag = f"{TAG_PREFIX}{int(tags[-1][len(TAG_PREFIX) :]) + 1 if tags else 1}"
-    info = snapshot_figures(repo) | {
+    return f"{TAG_PREFIX}{int(tags[-1][len(TAG_PREFIX) :]) + 1 if tags else 1}"
+
+
+def push_data(repo: Path) -> None:
+    """`dvc push` of the data only (accepted drops + the data stages' outputs); a clear error if not."""
+    try:
+        run(["dvc", "push", "data/accepted.dvc", DATA_STAGES], repo)
+    except VersioningError as e:
+        raise VersioningError(f"the data is not in the DVC remote, so no version was recorded: {e}") from None
+
+
+def commit_version(repo: Path, info: dict) -> None:
+    """Commit VERSIONED_FILES (the data record only), when they changed, by the fixed identity."""
+    files = [f for f in VERSIONED_FILES if (repo / f).exists()]
+    run(["git", "add", "--", *files], repo)
+    if run(["git", "diff", "--cached", "--name-only", "--", *files], repo).split():
+        message = f"data: {info['version']} ({info['rows']} interactions)"
+        run(["git", "commit", "--no-verify", "-q", "-m", message, "--", *files], repo, extra_env=IDENTITY)
+
+
+def tag_version(repo: Path, info: dict) -> None:
+    """The annotated tag data/vN on HEAD; its message is the version's figures as one JSON line."""
+    run(
+        ["git", "tag", "-a", info["version"], "-m", json.dumps(info, sort_keys=True)],
+        repo,
+        extra_env=IDENTITY,
+    )
+
+
+def version_info(repo: Path, tag: str, note: str) -> dict:
+    return snapshot_figures(repo) | {
         "version": tag,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "note": note,
     }
-    files = [f for f in VERSIONED_FILES if (repo / f).exists()]
-    run(["git", "add", "--", *files], repo)
-    staged = run(["git", "diff", "--cached", "--name-only", "--", *files], repo).split()
-    if staged:
-        run(
-            [
-                "git",
-                "commit",
-                "--no-verify",
-                "-q",
-                "-m",
-                f"data: {tag} ({info['rows']} interactions)",
-                "--",
-                *files,
-            ],
-            repo,
-            extra_env=IDENTITY,
-        )
-    run(["git", "tag", "-a", tag, "-m", json.dumps(info, sort_keys=True)], repo, extra_env=IDENTITY)
-    if push:
-        run(["dvc", "push", "-q"], repo)
-    info["commit"] = run(["git", "rev-parse", "HEAD"], repo).strip()
-    return info
+
+
+def record_version(repo: Path, note: str = "", push: bool = True, check: bool = True) -> dict:
+    """Push the data, commit the data record, then tag it data/vN (so a tag's data is in the remote).
+
+    `check=False` when the caller checked before it changed the data record itself. `push=False`
+    (`rsllm data record --no-push`) is for a checkout without a remote: that version is local only.
+    """
+    repo = Path(repo)
+    with repo_lock(repo, "ingest"):
+        if check:
+            check_committable(repo)
+        info = version_info(repo, next_tag(repo), note)
+        if push:
+            push_data(repo)
+        commit_version(repo, info)
+        tag_version(repo, info)
+        info["commit"] = run(["git", "rev-parse", "HEAD"], repo).strip()
+        return info
 
 
 def list_versions(repo: Path) -> list[dict]:
@@ -157,6 +209,11 @@ def read_version_file(repo: Path, version: str, path: str) -> bytes:
 
 def restore(repo: Path, version: str) -> dict:
     """Put data/accepted and data/raw of `version` back into the work tree (pulling if needed)."""
+    with repo_lock(repo, "restore"):
+        return _restore(repo, version)
+
+
+def _restore(repo: Path, version: str) -> dict:
     _known(repo, version)
     files = [
         f for f in VERSIONED_FILES if run(["git", "ls-tree", "--name-only", version, "--", f], repo).strip()
@@ -164,9 +221,9 @@ def restore(repo: Path, version: str) -> dict:
     run(["git", "checkout", version, "--", *files], repo)
     run(["git", "reset", "-q", "--", *files], repo)  # leave them as plain work-tree edits, nothing staged
     try:
-        run(["dvc", "checkout", "-q", "data/accepted.dvc", "merge"], repo)
+        run(["dvc", "checkout", "data/accepted.dvc", f"{DATA_STAGES}:merge"], repo)
     except VersioningError:
-        run(["dvc", "pull", "-q", "data/accepted.dvc", "merge"], repo)
+        run(["dvc", "pull", "data/accepted.dvc", f"{DATA_STAGES}:merge"], repo)
     return {"restored": version} | snapshot_figures(repo)
 
 

@@ -2,7 +2,8 @@
 
 It composes components and drives DVC; it never re-implements a stage that dvc.yaml defines.
 
-  intake    waiting drops -> validate + ingest (accepted drops merged and versioned, bad ones quarantined)
+  intake    waiting drops -> validate + ingest (accepted drops merged and versioned as one transaction,
+            bad ones quarantined; a failed commit is rolled back and its drops wait)
   drift     each accepted drop against the production model's data (reported, never blocking)
   stages    `dvc repro <stage>` for every stage of dvc.yaml in order (a failed stage is restored)
   rescore   the production model on the new candidate sets (metrics/production.json)
@@ -12,7 +13,9 @@ It composes components and drives DVC; it never re-implements a stage that dvc.y
 "No new data" is a Completed run that trains nothing, except on the first run (no production
 model yet) or with `force`. Tasks pass paths and small dicts, never models or frames.
 
-Run once without a server: `python -m flows.retrain [--profile demo] [--force]` (Prefect's ephemeral mode).
+The run holds the repository lock (components/lock.py), so no ingest, restore or promotion
+runs beside it. Run once without a server: `python -m flows.retrain [--profile demo] [--force]`
+(Prefect's ephemeral mode).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from prefect.states import Completed
 from components import ingest as ingest_lib
 from components import pipeline, registry, retrain
 from components.config import load_settings
-from components.errors import DataValidationError, GateRejected, RsllmError, SourceError
+from components.errors import DataValidationError, GateRejected, RsllmError, SourceError, VersioningError
+from components.lock import repo_lock
 
 
 def _no_retry_on_bad_data(task, task_run, state) -> bool:
@@ -50,6 +54,8 @@ def intake(repo: str) -> dict:
     if result["rejected"]:
         reasons = "; ".join(r["message"] for r in result["rejected"])
         raise DataValidationError(f"{len(result['rejected'])} drop(s) rejected and quarantined: {reasons}")
+    if result.get("error"):  # rolled back; the drops wait in data/incoming for the next run
+        raise VersioningError(f"intake of {', '.join(result['waiting'])} rolled back: {result['error']}")
     return result
 
 
@@ -104,9 +110,16 @@ def promote(repo: str) -> dict:
 
 @flow(name="rsllm", log_prints=True)
 def weekly_retrain(profile: str | None = None, force: bool = False, repo: str = "."):
-    """Intake, drift, `dvc repro` stage by stage, gate, promote. See the module docstring."""
-    log = get_run_logger()
+    """Intake, drift, `dvc repro` stage by stage, gate, promote. See the module docstring.
+
+    The whole run holds the repository lock (its tasks, on other threads, enter it again)."""
     repo = str(Path(repo).resolve())
+    with repo_lock(Path(repo), "retrain"):
+        return _retrain(profile, force, repo)
+
+
+def _retrain(profile: str | None, force: bool, repo: str):
+    log = get_run_logger()
     if profile:
         pipeline.set_profile(Path(repo), profile)
     taken = intake(repo)

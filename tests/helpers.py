@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # What a project checkout needs to run the data stages (code comes from the installed package).
 PROJECT_FILES = [
     "dvc.yaml",
+    "data/dvc.yaml",
+    "data/manifest.jsonl",
     "params.yaml",
     ".dvcignore",
     ".dvc/config",

@@ -65,7 +65,7 @@ def train_control(settings, prepared: Path, sasrec_dir: Path, hidden: int = 576)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
     tenth = max(1, len(losses) // 10)
     info = {
         "samples": len(samples),
@@ -86,7 +86,7 @@ def control_ranks(model: Control, sasrec_dir: Path, prepared: Path, rows: pd.Dat
     by_user = {int(u): list(s) for u, s in zip(seqs["user_idx"], seqs["items"], strict=True)}
     vecs = user_vectors(sasrec_dir, [by_user[int(u)][:-1] for u in rows["user_idx"]])
     table = load_item_embeddings(sasrec_dir).float()
-    cands = torch.tensor(rows["candidates"].tolist())
+    cands = torch.from_numpy(np.stack(rows["candidates"].to_numpy()).astype(np.int64))  # [U, C]
     scores = model(vecs, table[cands]).numpy()
     cols = np.argmax(cands.numpy() == rows["target"].to_numpy()[:, None], axis=1)
     return target_ranks(scores, cols)

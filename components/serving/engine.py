@@ -18,12 +18,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
 import numpy as np
 import pandas as pd
 
 from components.errors import ModelError, RequestError
 
 ONNX_DIR, LLM_DIR = "onnx", "llm"
+ECHO_CHARS = 40  # an id echoed in an error is cut to this many characters
+
+
+def shorten(value: object, limit: int = ECHO_CHARS) -> str:
+    """`value` as text for an error message, cut to `limit` characters."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 @dataclass
@@ -70,7 +78,7 @@ class Catalogue:
         """Indexes of `item_ids`; RequestError naming the field and every id not in the catalogue."""
         unknown = [i for i in dict.fromkeys(item_ids) if i not in self.index]
         if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            shown = ", ".join(repr(shorten(u)) for u in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
             raise RequestError(field, f"{len(unknown)} item id(s) not in the catalogue: {shown}", unknown)
         return [self.index[i] for i in item_ids]
 
@@ -186,6 +194,14 @@ class Reranker:
         """One request's inputs: (prompt history, candidates, SASRec prefix = the known history items)."""
         return history[-self.history_len :], list(candidates), [i for i in history if i <= self.n_known]
 
+    def tokens(self, job: tuple) -> int:
+        """Tokens one request puts through the LLM: its prompt (+ every answer when ranking by likelihood)."""
+        hist, cands, _ = job
+        n = len(self.builder.prompt(hist, cands).ids)
+        if self.rank_mode != "head":
+            n += sum(len(self.builder.answer_ids(int(c))) for c in cands)
+        return n
+
     def score_jobs(self, jobs: list[tuple]) -> list[list[float]]:
         """One batched forward for several requests -> each request's candidate scores."""
         from components.llm.rank import score_users
@@ -239,10 +255,15 @@ class Engine:
         top = top_k(scores, exclude, n)
         return top, [float(scores[i]) for i in top], how
 
+    async def retrieve_async(self, idx: list[int], n: int) -> tuple[list[int], list[float], str]:
+        """`retrieve` in a worker thread: a slow ONNX run never stalls the event loop."""
+        return await anyio.to_thread.run_sync(self.retrieve, idx, n)
+
     def parse_candidates(self, candidates: list[str]) -> list[int]:
         dupes = [c for c in dict.fromkeys(candidates) if candidates.count(c) > 1]
         if dupes:
-            raise RequestError("candidates", f"duplicate item id(s): {', '.join(map(repr, dupes))}", dupes)
+            shown = ", ".join(repr(shorten(d)) for d in dupes[:20])
+            raise RequestError("candidates", f"duplicate item id(s): {shown}", dupes)
         return self.catalogue.lookup("candidates", candidates)
 
     def rank(self, cands: list[int], scores: list[float]) -> list[tuple[int, float]]:

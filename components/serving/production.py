@@ -19,7 +19,7 @@ from components.errors import RegistryError
 class Production:
     model_tag: str
     base_tag: str
-    source: str  # where the tags came from (env, pointer path, bento)
+    source: str  # where the tags came from (env, the pointer's repo-relative path, bento); no absolute path
 
 
 def pointer_path() -> Path:
@@ -40,7 +40,8 @@ def resolve() -> Production:
         path = pointer_path()
         pointer = registry.read_production(path.parents[2])
         if pointer is not None:
-            tag, source = pointer["model_tag"], str(path)
+            # repo-relative: GET /model shows `source`, and must not reveal the server's folders
+            tag, source = pointer["model_tag"], f"pointer {path.relative_to(path.parents[2])}"
         elif os.environ.get("BENTO_PATH"):
             packed = registry._list(registry.MODEL_NAME)
             if len(packed) == 1:

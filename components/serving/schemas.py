@@ -1,7 +1,8 @@
 """Request and response models of the service (pydantic): a bad request is a 400 naming the field.
 
-Item ids are catalogue ids as JSON strings ("50"); JSON integers (50) are accepted and read as strings.
-Every model forbids unknown fields, so a misspelt field ("rerank_") is named too.
+Item ids are catalogue ids as JSON strings ("50", at most 128 characters); JSON integers (50, 0 to
+2^63 - 1) are accepted and read as strings. Every model forbids unknown fields, so a misspelt field
+("rerank_") is named too. Validation errors never echo the value sent.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from pydantic import (
 MAX_HISTORY = 200  # items per history (the models read the newest 10-50)
 MAX_K = 100  # results per request
 MAX_CANDIDATES = 50  # items the LLM ranks in one request
+MAX_ID_CHARS = 128  # a string id
+MAX_INT_ID = 2**63 - 1  # an integer id (19 digits)
 
 ItemId = Annotated[
-    Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0)],
+    Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
+    | Annotated[StrictInt, Field(ge=0, le=MAX_INT_ID)],
     AfterValidator(str),
 ]
 

@@ -3,7 +3,9 @@
     bentoml serve components.serving.service:RsllmService --port 3000
 
 Loads the production model (components.serving.production) once at startup; nothing is loaded or
-reloaded during a request, and every answer names the model version that produced it.
+reloaded during a request, and every answer names the model version that produced it. Limits
+(components.serving.settings): LLM requests beyond the LLM queue get 503 + Retry-After at once, so
+retrieval and lookups keep their share of BentoML's max_concurrency; retrieval runs off the event loop.
 
 POST /recommend, /score      BentoML APIs (pydantic bodies: a bad request is a 4xx naming the field)
 GET  /model, /items/{id}, /items?q=, /sample_users, /ui      a FastAPI app mounted on the service
@@ -24,10 +26,11 @@ from starlette.responses import HTMLResponse, JSONResponse
 from components import registry
 from components.errors import RequestError
 from components.serving import production
-from components.serving.batching import BatchQueue
-from components.serving.engine import Engine
+from components.serving.batching import BatchQueue, QueueFull
+from components.serving.engine import Engine, shorten
 from components.serving.guard import RequestGuard, logger, request_log, setup_logging
 from components.serving.schemas import (
+    MAX_ID_CHARS,
     Item,
     RecommendRequest,
     RecommendResponse,
@@ -36,9 +39,10 @@ from components.serving.schemas import (
     ScoreResponse,
     Timings,
 )
+from components.serving.settings import MAX_CONCURRENCY, ServingSettings
 
 PRODUCTION = production.resolve()
-MAX_BODY_BYTES = int(os.environ.get("RSLLM_MAX_BODY_BYTES", 65536))
+SETTINGS = ServingSettings.from_env()
 UI_PAGE = (Path(__file__).parent / "ui.html").read_text()
 
 extras = FastAPI(title="rsllm", docs_url=None, redoc_url=None, openapi_url=None)
@@ -51,7 +55,22 @@ def _ms(t0: float) -> float:
 def _error(e: RequestError) -> JSONResponse:
     request_log().update(status_reason=e.field)
     return JSONResponse(
-        {"error": str(e), "field": e.field, "values": [str(v) for v in e.values[:20]]}, status_code=e.status
+        {"error": str(e), "field": e.field, "values": [shorten(v) for v in e.values[:20]]},
+        status_code=e.status,
+    )
+
+
+def _busy(e: QueueFull) -> JSONResponse:
+    """503 at once, with Retry-After: the LLM queue is full (retrieval-only requests still answer)."""
+    request_log().update(llm="refused")
+    return JSONResponse(
+        {
+            "error": f"{e}; retry after {e.retry_after} s, or ask for rerank: false (retrieval only)",
+            "field": "rerank",
+            "values": [],
+        },
+        status_code=503,
+        headers={"Retry-After": str(e.retry_after)},
     )
 
 
@@ -59,7 +78,7 @@ def _error(e: RequestError) -> JSONResponse:
 @bentoml.service(
     name="rsllm",
     workers=1,
-    traffic={"timeout": 120, "max_concurrency": 128},
+    traffic={"timeout": 120, "max_concurrency": MAX_CONCURRENCY},
     logging={"access": {"enabled": False}},  # our RequestGuard writes one line per request instead
 )
 class RsllmService:
@@ -73,7 +92,7 @@ class RsllmService:
 
         setup_logging()
         # one core stays free for the event loop and retrieval while the LLM runs
-        threads = int(os.environ.get("RSLLM_TORCH_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)) - 1)
+        threads = SETTINGS.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
         torch.set_num_threads(threads)
         model, base = self.model_ref, self.base_ref
         verified = registry.verify_model(model)  # RegistryError naming a changed file; False: no checksums
@@ -96,18 +115,19 @@ class RsllmService:
             Path(model.path),
             Path(base.path),
             info,
-            device=os.environ.get("RSLLM_DEVICE", "auto"),
-            dtype=os.environ.get("RSLLM_LLM_DTYPE", "auto"),
+            device=SETTINGS.device,
+            dtype=SETTINGS.dtype,
         )
         cuda = self.engine.reranker.device.startswith("cuda")
-        max_batch = int(os.environ.get("RSLLM_RERANK_BATCH", 0)) or (8 if cuda else 1)
-        self.queue = BatchQueue(self.engine.reranker.score_jobs, max_batch)
+        max_batch = SETTINGS.rerank_batch or (8 if cuda else 1)
+        self.queue = BatchQueue(self.engine.reranker.score_jobs, max_batch, SETTINGS.llm_queue)
         self.version = str(model.tag)
         self.data_version = meta.get("data_version")
         self._warm_up()
         logger.info(
             "serving %s (base %s, data %s) from %s: %d encoder items, %d catalogue items, LLM on %s "
-            "(%s, %s, %d threads), ONNX %s, rerank batch <= %d, loaded in %.1f s",
+            "(%s, %s, %d threads), ONNX %s, rerank batch <= %d, LLM queue <= %d, rerank <= %d tokens, "
+            "loaded in %.1f s",
             self.version,
             base.tag,
             self.data_version,
@@ -120,6 +140,8 @@ class RsllmService:
             threads,
             self.engine.encoder.providers,
             max_batch,
+            SETTINGS.llm_queue,
+            SETTINGS.max_rerank_tokens,
             self.engine.load_seconds,
         )
 
@@ -132,6 +154,22 @@ class RsllmService:
 
     def __is_ready__(self) -> bool:
         return self.engine is not None
+
+    async def _llm_scores(self, idx: list[int], cands: list[int]) -> list[float]:
+        """The LLM's scores of `cands` after the history: RequestError (422) over the token bound,
+        QueueFull (503) when the LLM queue is full; cancelled with the request (client gone)."""
+        job = self.engine.reranker.job(idx, cands)
+        tokens = self.engine.reranker.tokens(job)
+        if tokens > SETTINGS.max_rerank_tokens:
+            raise RequestError(
+                "candidates",
+                f"the rerank prompt is {tokens} tokens, above the limit of {SETTINGS.max_rerank_tokens} "
+                "(RSLLM_MAX_RERANK_TOKENS); ask for fewer candidates",
+                status=422,
+            )
+        scores = await self.queue.submit(job)
+        request_log().update(llm="scored")
+        return scores
 
     # ----------------------------------------------------------------------------- BentoML APIs
 
@@ -148,11 +186,21 @@ class RsllmService:
         except RequestError as e:
             return _error(e)
         n = max(request.candidates, request.k) if rerank else request.k
-        top, scores, how = self.engine.retrieve(idx, n)
+        if rerank:
+            try:
+                self.queue.admit()  # a full LLM queue refuses before any retrieval work
+            except QueueFull as e:
+                return _busy(e)
+        top, scores, how = await self.engine.retrieve_async(idx, n)
         retrieval_ms = _ms(t0)
         t1 = time.perf_counter()
         if rerank and top:
-            llm_scores = await self.queue.submit(self.engine.reranker.job(idx, top))
+            try:
+                llm_scores = await self._llm_scores(idx, top)
+            except RequestError as e:
+                return _error(e)
+            except QueueFull as e:
+                return _busy(e)
             ranked = self.engine.rank(top, llm_scores)[: request.k]
         else:
             ranked = list(zip(top, scores, strict=True))[: request.k]
@@ -178,9 +226,11 @@ class RsllmService:
         try:
             idx, cold = self.engine.parse_history(request.history)
             cands = self.engine.parse_candidates(request.candidates)
+            llm_scores = await self._llm_scores(idx, cands)
         except RequestError as e:
             return _error(e)
-        llm_scores = await self.queue.submit(self.engine.reranker.job(idx, cands))
+        except QueueFull as e:
+            return _busy(e)
         return ScoreResponse(
             items=self.engine.items(self.engine.rank(cands, llm_scores)),
             model_version=self.version,
@@ -193,13 +243,22 @@ class RsllmService:
 
     @extras.get("/model", tags=["rsllm"], summary="The served model's metadata")
     def model_info(self) -> dict:
-        return self.engine.metadata()
+        limits = {
+            "max_concurrency": MAX_CONCURRENCY,
+            "llm_queue": SETTINGS.llm_queue,
+            "rerank_batch": self.queue.max_batch,
+            "max_rerank_tokens": SETTINGS.max_rerank_tokens,
+            "max_body_bytes": SETTINGS.max_body_bytes,
+            "body_idle_s": SETTINGS.body_idle_s,
+            "body_timeout_s": SETTINGS.body_timeout_s,
+        }
+        return {**self.engine.metadata(), "limits": limits}
 
     @extras.get("/items/{item_id}", tags=["rsllm"], summary="One catalogue item by id")
-    def item(self, item_id: str = PathParam(min_length=1, max_length=128)) -> Item:
+    def item(self, item_id: str = PathParam(min_length=1, max_length=MAX_ID_CHARS)) -> Item:
         i = self.engine.catalogue.index.get(item_id)
         if i is None:
-            raise HTTPException(404, detail=f"item_id {item_id!r}: not in the catalogue")
+            raise HTTPException(404, detail=f"item_id {shorten(item_id)!r}: not in the catalogue")
         return Item(**self.engine.catalogue.item(i))
 
     @extras.get("/items", tags=["rsllm"], summary="Catalogue items whose title contains q")
@@ -232,7 +291,9 @@ class RsllmService:
 
 RsllmService.add_asgi_middleware(
     RequestGuard,
-    max_bytes=MAX_BODY_BYTES,
+    max_bytes=SETTINGS.max_body_bytes,
     model_version=PRODUCTION.model_tag,
     json_paths=("/recommend", "/score"),
+    idle_s=SETTINGS.body_idle_s,
+    body_s=SETTINGS.body_timeout_s,
 )

@@ -1,4 +1,5 @@
-"""The service's pure parts: request models, the request guard, the batch queue, top-k, the catalogue,
+"""The service's pure parts: request models, the request guard (limits, deadlines, disconnects, log
+line), the batch queue (admission, cancellation, per-request errors), settings, top-k, the catalogue,
 dtype choice, and bentofile.yaml's packages against pyproject.toml."""
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from components.errors import ModelError, RequestError
+from components.errors import ConfigError, ModelError, RequestError
 from components.llm.base import llm_dtype
-from components.serving.batching import BatchQueue
+from components.serving.batching import BatchQueue, QueueFull
 from components.serving.engine import Catalogue, popularity, top_k
 from components.serving.guard import RequestGuard, request_log
 from components.serving.schemas import RecommendRequest, ScoreRequest
+from components.serving.settings import ServingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +53,15 @@ def test_bad_bodies_name_the_field(body, field):
     with pytest.raises(ValidationError) as e:
         RecommendRequest.model_validate_json(body)
     assert field in {str(loc) for err in e.value.errors() for loc in err["loc"]}
+
+
+def test_integer_ids_are_bounded():
+    with pytest.raises(ValidationError) as e:
+        RecommendRequest.model_validate_json('{"history": [' + "9" * 4000 + "]}")
+    assert "9" * 50 not in str(e.value.errors(include_input=False))
+    assert RecommendRequest.model_validate_json('{"history": [9223372036854775807]}').history == [
+        "9223372036854775807"
+    ]
 
 
 def test_k_must_fit_the_reranked_candidates():
@@ -117,6 +128,123 @@ def test_guard_limits_size_and_content_type_and_logs_one_line(caplog):
     assert "status=413" in lines[1] and "error=body" in lines[1]
 
 
+def test_guard_refuses_two_content_types_and_escapes_the_logged_path(caplog):
+    async def go():
+        async with _guarded() as c:
+            two = await c.post(
+                "/recommend",
+                content=b"{}",
+                headers=[("content-type", "text/plain"), ("content-type", "application/json")],
+            )
+            forged = await c.get("/x%0A2026-01-01%2000:00:00,000%20INFO%20rsllm.serving:%20forged")
+            return two, forged
+
+    with caplog.at_level(logging.INFO, logger="rsllm.serving"):
+        two, forged = asyncio.run(go())
+    assert two.status_code == 415 and two.json()["field"] == "Content-Type"
+    assert forged.status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "rsllm.serving"]
+    assert len(lines) == 2 and all("\n" not in ln for ln in lines)
+    assert lines[1].startswith(
+        "GET /x%0A2026-01-01%2000:00:00,000%20INFO%20rsllm.serving:%20forged status=200"
+    )
+
+
+async def _asgi(app, messages: asyncio.Queue, path: str = "/recommend") -> list[dict]:
+    """Drive an ASGI app by hand: `messages` feeds receive(); returns what it sent."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(b"content-type", b"application/json")],
+    }
+    await app(scope, messages.get, send)
+    return sent
+
+
+def test_guard_gives_a_trickling_body_408():
+    """A slow loris (a body whose bytes stop coming) is refused after the idle deadline, not held."""
+
+    async def go():
+        guard = RequestGuard(_echo, json_paths=("/recommend",), idle_s=0.2, body_s=5)
+        messages: asyncio.Queue = asyncio.Queue()
+        messages.put_nowait({"type": "http.request", "body": b'{"hist', "more_body": True})
+        return await asyncio.wait_for(_asgi(guard, messages), timeout=5)
+
+    sent = asyncio.run(go())
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert b'"field": "body"' in sent[1]["body"]
+
+
+def test_a_client_that_hangs_up_leaves_the_llm_queue_unscored(caplog):
+    """A request waiting for the LLM whose client disconnects is cancelled and never scored; the
+    forward already running finishes."""
+    import threading
+
+    release = threading.Event()
+    scored: list[list[str]] = []
+
+    def fn(jobs):
+        release.wait(timeout=10)
+        scored.append(list(jobs))
+        return jobs
+
+    async def go():
+        queue = BatchQueue(fn, max_batch=1, max_queue=4)
+
+        async def app(scope, receive, send):
+            await receive()
+            result = await queue.submit(scope["path"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": result.encode()})
+
+        guard = RequestGuard(app, json_paths=("/a", "/b"))
+        first = asyncio.create_task(queue.submit("/warm"))  # occupies the LLM thread
+        a_msgs, b_msgs = asyncio.Queue(), asyncio.Queue()
+        for m in (a_msgs, b_msgs):
+            m.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+        a = asyncio.create_task(_asgi(guard, a_msgs, "/a"))
+        b = asyncio.create_task(_asgi(guard, b_msgs, "/b"))
+        while queue.admitted < 3:
+            await asyncio.sleep(0.01)
+        b_msgs.put_nowait({"type": "http.disconnect"})  # b's client hangs up while b waits
+        b_sent = await asyncio.wait_for(b, timeout=5)
+        assert queue.admitted == 2  # b left the queue at once
+        release.set()
+        a_sent = await asyncio.wait_for(a, timeout=10)
+        a_msgs.put_nowait({"type": "http.disconnect"})
+        await first
+        queue.close()
+        return a_sent, b_sent, queue.counts
+
+    with caplog.at_level(logging.INFO, logger="rsllm.serving"):
+        a_sent, b_sent, counts = asyncio.run(go())
+    assert scored == [["/warm"], ["/a"]]  # /b never reached the LLM
+    assert a_sent[0]["status"] == 200 and b_sent[0]["status"] == 499  # 499: logged, never delivered
+    assert counts["cancelled"] == 1 and counts["scored"] == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "rsllm.serving"]
+    assert any(ln.startswith("POST /b status=499") and "cancelled=client" in ln for ln in lines)
+
+
+def test_settings_come_from_rsllm_variables(monkeypatch):
+    monkeypatch.setenv("RSLLM_LLM_QUEUE", "3")
+    monkeypatch.setenv("RSLLM_MAX_RERANK_TOKENS", "500")
+    s = ServingSettings.from_env()
+    assert s.llm_queue == 3 and s.max_rerank_tokens == 500 and s.max_body_bytes == 65536
+    monkeypatch.setenv("RSLLM_BODY_IDLE_S", "soon")
+    with pytest.raises(ConfigError, match="RSLLM_BODY_IDLE_S"):
+        ServingSettings.from_env()
+    monkeypatch.setenv("RSLLM_BODY_IDLE_S", "1")
+    monkeypatch.setenv("RSLLM_LLM_QUEUE", "100")
+    with pytest.raises(ConfigError, match="RSLLM_LLM_QUEUE=100: must be below 64"):
+        ServingSettings.from_env()
+
+
 # --------------------------------------------------------------------------------------------- queue
 
 
@@ -153,6 +281,52 @@ def test_queue_hands_an_error_to_each_request_of_the_batch():
     assert [str(e) for e in asyncio.run(go())] == ["boom", "boom"]
     with pytest.raises(ValueError, match="max_batch"):
         BatchQueue(lambda j: j, max_batch=0)
+
+
+def test_one_failing_request_does_not_fail_its_batch():
+    def fn(jobs):
+        import time
+
+        time.sleep(0.05)
+        if "bad" in jobs:
+            raise ValueError("bad job")
+        return [j.upper() for j in jobs]
+
+    async def go():
+        q = BatchQueue(fn, max_batch=4)
+        out = await asyncio.gather(*(q.submit(j) for j in ("w", "a", "bad", "b")), return_exceptions=True)
+        q.close()
+        return out, q.batches, q.counts
+
+    out, batches, counts = asyncio.run(go())
+    assert out[0] == "W" and out[1] == "A" and out[3] == "B"
+    assert isinstance(out[2], ValueError) and str(out[2]) == "bad job"
+    assert batches == [4] and counts["failed"] == 1 and counts["scored"] == 3
+
+
+def test_queue_refuses_beyond_its_bound_at_once():
+    import threading
+
+    release = threading.Event()
+
+    def fn(jobs):
+        release.wait(timeout=10)
+        return jobs
+
+    async def go():
+        q = BatchQueue(fn, max_batch=1, max_queue=2)
+        held = [asyncio.create_task(q.submit(i)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull) as e:
+            await q.submit(9)
+        release.set()
+        out = await asyncio.gather(*held)
+        q.close()
+        return e.value, out, q.counts
+
+    full, out, counts = asyncio.run(go())
+    assert full.retry_after >= 1 and "2 requests" in str(full)
+    assert out == [0, 1] and counts["refused"] == 1
 
 
 # ----------------------------------------------------------------------------- retrieval and catalogue

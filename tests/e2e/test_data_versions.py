@@ -46,10 +46,11 @@ def test_ingest_two_weeks_then_restore_the_first_version(repo):
     assert second["version"]["rows"] > first["version"]["rows"]
     assert (repo / "data/raw/interactions.parquet").read_bytes() != raw_v1
 
-    # each version is a commit touching only DVC's files, by the fixed identity, on a tag
+    # each version is a commit touching only the data record, by the fixed identity, on a tag
     changed = sh(["git", "show", "--name-only", "--format=%an", "data/v2^{commit}"], repo).stdout.split()
     assert changed[0] == "rsllm-ops"
     assert set(changed[1:]) <= set(versioning.VERSIONED_FILES)
+    assert "data/dvc.lock" in changed and "dvc.lock" not in changed  # the data stages' lock only
     versions = versioning.list_versions(repo)
     assert [v["version"] for v in versions] == ["data/v1", "data/v2"]
     assert versions[0]["rows"] == first["version"]["rows"]

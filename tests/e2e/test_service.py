@@ -2,15 +2,18 @@
 model promoted through the registry into the session's temp BENTOML_HOME (tests/conftest.py).
 
 Every endpoint, the bad-request cases, cold start, the evaluation protocol over /score, one log line
-per request, Prometheus metrics, a schemathesis run against the OpenAPI spec (no 5xx), the /ui page in
-headless Chromium (Debian's `chromium` + `chromium-driver`: `make browser`), `bentoml build`, and a
-promotion that takes effect on restart only.
+per request, the limits (LLM admission: 503 + Retry-After while retrieval answers; a slow body: 408;
+the rerank token bound: 422; hostile headers, ids and paths), Prometheus metrics, a schemathesis run
+against the OpenAPI spec (no 5xx), the /ui page in headless Chromium (Debian's `chromium` +
+`chromium-driver`: `make browser`), `bentoml build`, and a promotion that takes effect on restart only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -36,9 +39,17 @@ def promoted(tmp_path_factory) -> dict:
 
 def _env(promoted: dict) -> dict:
     # float32: the answers of /score must equal the evaluation's scores (the service picks bf16 on
-    # CPUs with native bf16 by default; the load bench measures that)
+    # CPUs with native bf16 by default; the load bench measures that). Small limits, so the tests reach
+    # them: 2 LLM requests admitted, a body idle for 2 s, 250 tokens per rerank (10 history items and 20
+    # candidates, the evaluation's prompt: 211 tokens; 40 items in all: ~270-330).
     return dict(
-        os.environ, RSLLM_REPO=str(promoted["repo"]), RSLLM_LLM_DTYPE="float32", BENTOML_DO_NOT_TRACK="true"
+        os.environ,
+        RSLLM_REPO=str(promoted["repo"]),
+        RSLLM_LLM_DTYPE="float32",
+        BENTOML_DO_NOT_TRACK="true",
+        RSLLM_LLM_QUEUE="2",
+        RSLLM_BODY_IDLE_S="2",
+        RSLLM_MAX_RERANK_TOKENS="250",
     )
 
 
@@ -292,6 +303,141 @@ def test_one_log_line_per_request(client, server, promoted):
         assert "POST /recommend status=200" in line and "latency_ms=" in line
     assert any("POST /recommend status=400" in ln for ln in Path(server["log"]).read_text().splitlines())
     assert "Traceback" not in Path(server["log"]).read_text()  # bad requests are not errors
+
+
+# ------------------------------------------------------------------------------------------ limits
+
+
+def test_llm_admission_refuses_at_once_while_retrieval_and_lookups_answer(server):
+    """30 concurrent LLM requests against a queue of 2: the excess gets 503 + Retry-After at once (no 504
+    or 429); retrieval-only /recommend, /items and /model answer 200 meanwhile."""
+    cands = [f"i{i}" for i in range(3, 23)]
+
+    async def go():
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server["url"], timeout=60, limits=limits) as c:
+
+            async def llm(path: str, body: dict):
+                t0 = time.perf_counter()
+                r = await c.post(path, json=body)
+                return r, time.perf_counter() - t0
+
+            llm_calls = [llm("/score", {"history": ["i1", "i2"], "candidates": cands}) for _ in range(20)]
+            llm_calls += [llm("/recommend", {"history": ["i4"], "rerank": True}) for _ in range(10)]
+            others = [c.post("/recommend", json={"history": ["i5"], "rerank": False}) for _ in range(10)]
+            others += [c.get("/items/i3"), c.get("/items", params={"q": "movie"}), c.get("/model")]
+            return await asyncio.gather(asyncio.gather(*llm_calls), asyncio.gather(*others))
+
+    llm, others = asyncio.run(go())
+    codes = [r.status_code for r, _ in llm]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    for r, seconds in llm:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["field"] == "rerank"
+            assert "queue is full" in r.json()["error"] and seconds < 15  # at once, never a 504
+    assert [r.status_code for r in others] == [200] * len(others)
+    log = Path(server["log"]).read_text()
+    assert "llm=refused" in log and "Traceback" not in log
+
+
+def test_a_body_that_trickles_in_gets_408(server):
+    """Slow loris: headers promise 60 bytes, 10 come, then nothing: 408 after the idle deadline (2 s
+    here), and the connection is closed, instead of holding a slot until BentoML's 120 s timeout."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 60\r\n\r\n{"history"'
+        )
+        t0 = time.monotonic()
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b'"field": "body"' in reply, reply[:300]
+    assert time.monotonic() - t0 < 20
+
+
+def test_the_rerank_token_bound_is_a_422_naming_candidates(client):
+    """Prompts above this server's RSLLM_MAX_RERANK_TOKENS=250: 422 naming candidates, before the LLM."""
+    history, cands = [f"i{i}" for i in range(1, 11)], [f"i{i}" for i in range(1, 41)]
+    r = _post(client, "/score", {"history": history, "candidates": cands})  # ~330 tokens
+    assert r.status_code == 422 and r.json()["field"] == "candidates", r.text
+    assert "tokens, above the limit of 250" in r.json()["error"]
+    body = {"history": ["i1", "i2", "i3"], "rerank": True, "candidates": 37, "k": 5}  # ~270 tokens
+    r = _post(client, "/recommend", body)
+    assert r.status_code == 422 and "RSLLM_MAX_RERANK_TOKENS" in r.text
+    assert _post(client, "/score", {"history": history, "candidates": cands[10:30]}).status_code == 200
+
+
+def test_two_content_type_headers_are_refused(client):
+    """text/plain then application/json: whichever one a layer reads, the request is a 415."""
+    r = client.post(
+        "/recommend",
+        content=b'{"history": ["i1"]}',
+        headers=[("content-type", "text/plain"), ("content-type", "application/json")],
+    )
+    assert r.status_code == 415 and r.json()["field"] == "Content-Type"
+
+
+def test_long_ids_are_bounded_and_never_echoed_whole(client):
+    # a 4,000-digit integer id: 400 naming history, the value never echoed
+    r = client.post(
+        "/recommend",
+        content=b'{"history": [' + b"9" * 4000 + b"]}",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and "history" in r.text and "9" * 30 not in r.text and len(r.text) < 1500
+    # an unknown id of the longest accepted length: named, shortened in the error and the values
+    r = _post(client, "/recommend", {"history": ["q" * 128]})
+    assert r.status_code == 400 and r.json()["field"] == "history" and "q" * 41 not in r.text
+
+
+def test_a_newline_in_the_path_cannot_forge_a_log_line(client, server):
+    client.get("/items/x%0A2026-01-01 00:00:00,000 INFO rsllm.serving: POST /forged status=200")
+    time.sleep(0.5)
+    lines = Path(server["log"]).read_text().splitlines()
+    assert not any(ln.startswith("2026-01-01") for ln in lines)
+    assert any("/items/x%0A2026-01-01" in ln for ln in lines)
+
+
+def test_model_shows_no_server_path_and_states_the_limits(client, promoted):
+    meta = client.get("/model")
+    assert str(promoted["repo"]) not in meta.text and meta.json()["source"].startswith("pointer models/")
+    assert meta.json()["limits"]["llm_queue"] == 2 and meta.json()["limits"]["max_rerank_tokens"] == 250
+
+
+def test_retrieval_runs_off_the_event_loop(promoted):
+    """While the ONNX encoder retrieves, the event loop keeps running other tasks (ticks)."""
+    from components import registry
+    from components.serving.engine import Engine
+
+    model = registry.get_model(promoted["model_tag"])
+    engine = Engine(
+        Path(model.path), Path(registry.get_model(promoted["base_tag"]).path), {}, dtype="float32"
+    )
+    idx, _ = engine.parse_history(["i3", "i4", "i5"])
+
+    async def go() -> tuple[int, list]:
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        start = ticks
+        out = [await engine.retrieve_async(idx, 10) for _ in range(20)]
+        done = True
+        await task
+        return ticks - start, out
+
+    ticks, out = asyncio.run(go())
+    assert ticks >= 20  # a retrieval on the loop would let the ticker run 0 times during it
+    assert out[0] == engine.retrieve(idx, 10)
 
 
 # ---------------------------------------------------------------------------------- whole-API checks
