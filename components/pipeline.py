@@ -31,8 +31,10 @@ def dvc_stages(repo: Path) -> list[str]:
 
 
 def pipeline_changed(repo: Path) -> bool:
-    """True when `dvc repro` would run something: new data, code or params, or missing outputs."""
-    out = run(["dvc", "status"], repo)
+    """True when `dvc repro` would run something: new data (the manifest merge reads), code or params,
+    or missing outputs. Only the stages are asked: data/accepted.dvc's cache state (an empty folder in
+    a fresh clone is in no cache) is not the pipeline's."""
+    out = run(["dvc", "status", "dvc.yaml", DATA_STAGES], repo)
     return "up to date" not in out
 
 

@@ -175,7 +175,7 @@ class Reranker:
     def __init__(
         self, base_dir: Path, stage_dir: Path, catalogue: Catalogue, device: str = "auto", dtype: str = "auto"
     ):
-        from components.llm.rank import load_ranker, make_builder
+        from components.llm.loading import load_ranker, make_builder
 
         self.model, self.tok, self.cfg = load_ranker(base_dir, stage_dir, device, dtype)
         self.dtype = self.cfg["dtype"]

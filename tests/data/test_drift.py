@@ -57,7 +57,7 @@ def test_reference_is_production_data_version_when_a_pointer_exists(tmp_path):
     assert drift.reference_for_production(tmp_path) is None
     pointer = tmp_path / registry.POINTER
     pointer.parent.mkdir(parents=True)
-    pointer.write_text(json.dumps({"data_version": "data/v3", "model_version": "rsllm:abc"}))
+    pointer.write_text(json.dumps({"data_version": "data/v3", "model_tag": "rsllm:abc"}))
     assert drift.reference_for_production(tmp_path) == "data/v3"
     pointer.write_text("{not json")
     with pytest.raises(DriftError, match="production.json"):
@@ -214,7 +214,7 @@ def test_reference_is_the_data_version_production_was_trained_on(project):
     assert first["version"]["version"] == "data/v1"
     pointer = project / registry.POINTER
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.write_text(json.dumps({"data_version": "data/v1", "model_version": "rsllm:test"}))
+    pointer.write_text(json.dumps({"data_version": "data/v1", "model_tag": "rsllm:test"}))
     rsllm(["replay-week"], project)
     raw = project / "data/raw/interactions.parquet"  # today's data/raw differs from data/v1's
     pd.read_parquet(raw).head(500).to_parquet(raw, index=False)

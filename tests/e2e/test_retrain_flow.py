@@ -160,7 +160,8 @@ def test_second_run_without_new_data_trains_nothing(deployment):
     before = registry.read_production(deployment.clone)
     run_id = deployment.run()
     state = deployment.wait(run_id)
-    assert state["type"] == "COMPLETED" and "no new data" in state["message"]
+    status = sh([sys.executable, "-m", "dvc", "status"], deployment.clone).stdout
+    assert state["type"] == "COMPLETED" and "no new data" in (state["message"] or ""), (state, status)
     assert not any(n.startswith("dvc-repro") for n in deployment.task_names(run_id))
     assert registry.read_production(deployment.clone) == before
 
