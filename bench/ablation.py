@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from _common import add_pipeline_paths, read_params, resolved_params
 from rich.console import Console
 from rich.table import Table
 
@@ -67,22 +67,14 @@ def train_variant(name: str, override: dict, raw: dict, args, work: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--base", type=Path, default=Path("models/base"))
-    parser.add_argument("--stage1", type=Path, default=Path("models/llm/stage1"))
-    parser.add_argument("--stage2", type=Path, default=Path("models/llm/stage2"))
-    parser.add_argument("--sasrec", type=Path, default=Path("models/sasrec"))
+    add_pipeline_paths(parser)
     parser.add_argument("--variants", nargs="*", default=["control", "ids_only", "likelihood"], choices=ALL)
     parser.add_argument("--users", type=int, default=None, help="evaluated users (default: llm.eval_users)")
     args = parser.parse_args()
-    raw = yaml.safe_load(args.params.read_text())
+    raw = resolved_params(read_params(args.params))  # variants keep the profile's sizes under overrides
     if args.users:
         raw = deep_merge(raw, {"llm": {"eval_users": args.users}})
     settings = parse_settings(raw)
-    # the active profile's llm section, so variants keep its sizes when the override is merged on top
-    raw = deep_merge(raw, {"profile": None, **(raw.get("profiles") or {}).get(settings.profile or "", {})})
-    raw.pop("profile")
     rows = eval_users(args.prepared, settings.llm.eval_users)
     frames = {
         "popularity": score_popularity(args.prepared, rows),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+from _common import add_pipeline_paths, read_params, resolved_params
 from rich.console import Console
 from rich.table import Table
 
@@ -110,23 +110,14 @@ def rank_rows(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--base", type=Path, default=Path("models/base"))
-    parser.add_argument("--stage1", type=Path, default=Path("models/llm/stage1"))
-    parser.add_argument("--stage2", type=Path, default=Path("models/llm/stage2"))
-    parser.add_argument("--sasrec", type=Path, default=Path("models/sasrec"))
+    add_pipeline_paths(parser)
     parser.add_argument("--steps", type=int, default=6, help="training steps per stage and dtype")
     parser.add_argument("--users", type=int, default=100, help="test users ranked per mode and dtype")
     parser.add_argument(
         "--train-dtype", default=None, help=argparse.SUPPRESS
     )  # internal: one dtype's train rows
     args = parser.parse_args()
-    raw = yaml.safe_load(args.params.read_text())
-    # the active profile merged in, so that the overrides below are not overridden by it
-    profile = parse_settings(raw).profile or ""
-    raw = deep_merge(raw, {"profile": None, **(raw.get("profiles") or {}).get(profile, {})})
-    raw.pop("profile")
+    raw = resolved_params(read_params(args.params))
     if args.train_dtype:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(train_rows(raw, args, Path(tmp), args.train_dtype)))
