@@ -12,11 +12,13 @@ The decision and every reason go to reports/gate.json.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from components.config import GateSettings
 from components.io import write_json_atomic
+from components.paths import OUTPUTS
 
 
 @dataclass
@@ -99,3 +101,17 @@ def write_decision(d: Decision, path: Path) -> dict:
     out = asdict(d)
     write_json_atomic(path, out)
     return out
+
+
+def run_gate(repo: Path) -> dict:
+    """Apply the thresholds to metrics/eval.json (+ production's re-scored block) -> reports/gate.json."""
+    from components import registry
+    from components.config import load_settings
+
+    settings = load_settings(repo / "params.yaml")
+    metrics = json.loads((repo / OUTPUTS["eval"]).read_text())
+    prod_path = repo / OUTPUTS["production_eval"]
+    if prod_path.exists() and registry.read_production(repo) is not None:
+        metrics |= json.loads(prod_path.read_text())
+    decision = decide(metrics, settings.gate)
+    return write_decision(decision, repo / OUTPUTS["gate"])

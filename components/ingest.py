@@ -128,17 +128,24 @@ def _ingest(settings: Settings, paths: list[Path], repo: Path, record_version: b
 
 
 def _commit(repo: Path, batch: list[Judged], result: dict, record_version: bool) -> None:
-    """Commit the batch; on failure it was rolled back: its drops wait (or, for a content fault
-    first seen at merge time, the drops it names are quarantined and the rest committed again)."""
+    """Commit the batch; on failure it was rolled back and its drops wait, except for a content fault
+    first seen at merge time (the merge or validate stage refused the merged data): the drops the error
+    names are quarantined and the rest committed again; when it names none, a lone drop is the one at
+    fault, and a batch is committed one drop at a time to find it."""
     names = [j.drop.name for j in batch]
     try:
         result["version"] = transaction.commit(
             repo, batch, version=record_version, note=f"ingest {', '.join(names)}"
         )
     except RsllmError as e:
-        faulty = [
-            j for j in batch if "DataValidationError" in str(e) and f"accepted/{j.drop.stem}." in str(e)
-        ]
+        content = "DataValidationError" in str(e)
+        faulty = [j for j in batch if content and f"accepted/{j.drop.stem}." in str(e)]
+        if content and not faulty and len(batch) > 1:
+            for j in batch:
+                _commit(repo, [j], result, record_version)
+            return
+        if content and not faulty:
+            faulty = batch
         for j in faulty:
             error = DataValidationError(
                 f"{j.drop}: rejected when merged: {short(str(e), 400)}",

@@ -26,6 +26,7 @@ import bentoml
 from components.errors import RegistryError
 from components.io import sha256_of, write_json_atomic
 from components.lock import repo_lock
+from components.paths import OUTPUTS
 
 MODEL_NAME = "rsllm"
 CHECKSUMS = "checksums"  # metadata key: {relative path: sha256} of every file of a candidate bundle
@@ -309,3 +310,44 @@ def _jsonable(obj):
         return x
 
     return drop_none(plain)
+
+
+# ---------------------------------------------------------------- packaging the candidate
+
+
+def candidate_parts(repo: Path) -> dict[str, Path]:
+    """Everything the service needs, by its name inside the stored model."""
+    o = {k: repo / v for k, v in OUTPUTS.items()}
+    return {
+        "onnx": o["onnx"],
+        "llm": o["stage2"],
+        "projected": o["projected"],
+        "items.parquet": o["prepared"] / "items.parquet",  # item_idx <-> item_id of this model
+        "catalogue.parquet": o["catalogue"],  # every titled item, cold ones included
+        "sample_users.parquet": o["prepared"] / "test.parquet",
+        "sasrec.json": o["sasrec"] / "config.json",
+    }
+
+
+def promote_candidate(repo: Path) -> dict:
+    """Save base (once) + candidate into the BentoML store, then move the production pointer."""
+    from components.config import load_settings
+    from components.versioning import current_data_version, git_commit
+
+    settings = load_settings(repo / "params.yaml")
+    gate = json.loads((repo / OUTPUTS["gate"]).read_text())
+    if not gate["passed"]:
+        raise RegistryError(f"{repo / OUTPUTS['gate']}: the gate did not pass; refusing to promote")
+    base_tag = save_base(repo / OUTPUTS["base"])
+    metadata = {
+        "metrics": {k: v for k, v in gate["metrics"].items() if isinstance(v, int | float)},
+        "data_version": current_data_version(repo),
+        "git_commit": git_commit(repo),
+        "base_tag": base_tag,
+        "rerank_default": bool(gate.get("rerank", False)),
+        "rerank_reason": gate.get("rerank_reason", ""),
+        "profile": settings.profile,
+        "params": settings.model_dump(mode="json", by_alias=True),
+    }
+    tag = save_candidate(candidate_parts(repo), metadata)
+    return promote(tag, repo, reason="gate passed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,8 +23,10 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from components.errors import VersioningError
+from components.errors import RsllmError, VersioningError
 from components.lock import lock_settings, repo_lock
+
+log = logging.getLogger(__name__)
 
 # The data stages' lock, the .dvc pointer, the manifest, and the small reports merge and validate write.
 VERSIONED_FILES = (
@@ -230,3 +233,34 @@ def _restore(repo: Path, version: str) -> dict:
 def _known(repo: Path, version: str) -> None:
     if version not in existing_tags(repo):
         raise VersioningError(f"unknown data version {version!r}; known: {existing_tags(repo) or 'none'}")
+
+
+# ---------------------------------------------------------------- the checkout's data version
+
+
+def current_data_version(repo: Path) -> str | None:
+    """The newest data/vN tag that points at HEAD or an ancestor of it (None before the first)."""
+    for tag in reversed(existing_tags(repo)):
+        proc = subprocess.run(["git", "merge-base", "--is-ancestor", tag, "HEAD"], cwd=repo)
+        if proc.returncode == 0:
+            return tag
+    return None
+
+
+def ensure_data_version(repo: Path) -> str | None:
+    """The current data version; when there is none yet (first run), record the snapshot as one.
+
+    Refused (logged, None returned) when the checkout has uncommitted pipeline edits.
+    """
+    version = current_data_version(repo)
+    if version is None:
+        try:
+            version = record_version(repo, note="initial snapshot")["version"]
+        except RsllmError as e:
+            log.warning("the snapshot was not recorded as a data version: %s", e)
+    return version
+
+
+def git_commit(repo: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return proc.stdout.strip() or None

@@ -28,8 +28,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
+from components import evaluate, pipeline, registry, report, versioning
+from components import gate as gate_lib
 from components import ingest as ingest_lib
-from components import pipeline, registry, retrain
 from components.config import load_settings
 from components.errors import DataValidationError, GateRejected, RsllmError, SourceError, VersioningError
 from components.lock import repo_lock
@@ -87,25 +88,25 @@ def repro(repo: str, stage: str) -> dict:
 @task(name="rescore-production")
 def rescore(repo: str) -> str | None:
     """Score the production model on the new candidate sets; None when nothing is in production."""
-    return retrain.score_production(Path(repo))
+    return evaluate.score_production(Path(repo))
 
 
 @task(name="gate")
 def gate(repo: str) -> dict:
     """Apply the thresholds; write reports/gate.json."""
-    return retrain.run_gate(Path(repo))
+    return gate_lib.run_gate(Path(repo))
 
 
 @task(name="version-snapshot")
 def version_snapshot(repo: str) -> str | None:
     """The data version the candidate was trained on; the first run records the initial snapshot."""
-    return retrain.ensure_data_version(Path(repo))
+    return versioning.ensure_data_version(Path(repo))
 
 
 @task(name="promote")
 def promote(repo: str) -> dict:
     """Package the candidate into the BentoML store and move the production pointer."""
-    return retrain.promote_candidate(Path(repo))
+    return registry.promote_candidate(Path(repo))
 
 
 @flow(name="rsllm", log_prints=True)
@@ -137,7 +138,7 @@ def _retrain(profile: str | None, force: bool, repo: str):
     decision = gate(repo)
     create_markdown_artifact(
         key="retrain-report",
-        markdown=retrain.report_markdown(Path(repo), timings, taken),
+        markdown=report.report_markdown(Path(repo), timings, taken),
         description="metrics vs production, gate decision, reports, data version",
     )
     if not decision["passed"]:
@@ -162,9 +163,9 @@ def main() -> None:
     try:
         result = weekly_retrain(profile=args.profile, force=args.force)
     except RsllmError as e:
-        print(retrain.summary_text(Path(".")))
+        print(report.summary_text(Path(".")))
         raise SystemExit(f"{type(e).__name__}: {e}") from None
-    print(retrain.summary_text(Path(".")))
+    print(report.summary_text(Path(".")))
     print(json.dumps(result if isinstance(result, dict) else {"state": str(result)}, default=str))
 
 

@@ -53,15 +53,21 @@ if __name__ == "__main__":
 
 
 class Listener:
-    """The person's webhook: an HTTP server on a free port that keeps every JSON body POSTed to it."""
+    """The person's webhook: an HTTP server on a free port that keeps every JSON body POSTed to it
+    (while `down`, it answers 503 and keeps nothing, as a webhook in an outage would)."""
 
     def __init__(self) -> None:
         self.received: list[dict] = []
-        received = self.received
+        self.down = False
+        received, listener = self.received, self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if listener.down:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
                 received.append(json.loads(body or b"{}"))
                 self.send_response(200)
                 self.end_headers()
@@ -133,7 +139,6 @@ def project(tmp_path_factory, prefect_server, listener) -> Path:  # noqa: F811 (
     setup = last_json(run([PY, "-m", "components.cli", "alerts", "setup"], project, prefect_server))
     assert setup["auto_retrain"] is True and setup["block"]["type"] == "custom-webhook"
     assert {name: a["action"] for name, a in setup["automations"].items()} == {
-        alerts.DRIFT_ALERT: "created",
         alerts.RETRAIN_FAILED_ALERT: "created",
         alerts.AUTO_RETRAIN: "created",
     }
@@ -168,9 +173,7 @@ def test_drift_check_deployment_from_prefect_yaml_has_a_daily_schedule(project, 
 def test_alerts_setup_again_updates_in_place(project, prefect_server):  # noqa: F811
     again = last_json(run([PY, "-m", "components.cli", "alerts", "setup"], project, prefect_server))
     assert {a["action"] for a in again["automations"].values()} == {"updated"}
-    assert automations(prefect_server) == sorted(
-        [alerts.AUTO_RETRAIN, alerts.DRIFT_ALERT, alerts.RETRAIN_FAILED_ALERT]
-    )
+    assert automations(prefect_server) == sorted([alerts.AUTO_RETRAIN, alerts.RETRAIN_FAILED_ALERT])
 
 
 def test_normal_week_leads_to_no_event_no_notification_no_retrain(project, prefect_server, listener):  # noqa: F811
@@ -194,6 +197,7 @@ def test_shifted_week_leads_to_event_notification_and_retrain_run(project, prefe
 
     result = run_drift_flow(project, prefect_server, shifted)
     assert result["drift"] is True and result["event"] is True
+    assert result["sent"] == [str(shifted)] and result["undelivered"] == []
     assert {"genre_mix", "item_popularity"} <= set(result["tripped"])
 
     events = wait_for(lambda: drift_events(prefect_server), "the rsllm.data.drift event")
@@ -208,7 +212,48 @@ def test_shifted_week_leads_to_event_notification_and_retrain_run(project, prefe
 
     # the same drop again: no second event (the ledger in reports/drift/alerts.jsonl)
     again = run_drift_flow(project, prefect_server, shifted)
-    assert again["drift"] is True and again["event"] is False
+    assert again["drift"] is True and again["event"] is False and again["sent"] == []
+
+
+def alert_status(project: Path, server: PrefectServer) -> dict:
+    status = last_json(run([PY, "-m", "components.cli", "alerts", "status"], project, server))
+    return {Path(a["source"]).name: a for a in status["alerts"]} | {"undelivered": status["undelivered"]}
+
+
+def test_undelivered_alert_is_recorded_and_sent_by_the_next_run(project, prefect_server, listener):  # noqa: F811
+    shifted = project / "shifted.parquet"
+    second = project / "shifted-2.parquet"
+    pd.read_parquet(shifted).iloc[1:].to_parquet(second, index=False)  # another drop, as drifted
+    before = len(listener.received)
+    listener.down = True
+    try:
+        proc = run([PY, "-m", "flows.drift", str(second)], project, prefect_server, check=False)
+    finally:
+        listener.down = False
+    assert proc.returncode == 1 and "alerts not delivered for" in proc.stderr
+    status = alert_status(project, prefect_server)
+    assert status["undelivered"] == [str(second)]
+    assert (
+        status["shifted-2.parquet"]["status"] == "undelivered"
+        and "503" in status["shifted-2.parquet"]["error"]
+    )
+    assert status["shifted.parquet"]["status"] == "delivered"
+    time.sleep(5)
+    assert len(listener.received) == before  # nothing reached the person
+
+    # the webhook is back: the next run, on a week without drift, delivers the pending alert
+    week = sorted((project / "data/incoming").glob("week-*.parquet"))[-1]
+    result = run_drift_flow(project, prefect_server, week)
+    assert result["drift"] is False and result["sent"] == [str(second)] and result["undelivered"] == []
+    assert len(listener.received) == before + 1 and "genre_mix" in listener.received[-1]["subject"]
+    status = alert_status(project, prefect_server)
+    assert status["undelivered"] == []
+    assert (
+        status["shifted-2.parquet"]["status"] == "delivered" and status["shifted-2.parquet"]["attempts"] == 2
+    )
+    # and nothing is pending for `rsllm alerts resend`
+    resent = last_json(run([PY, "-m", "components.cli", "alerts", "resend"], project, prefect_server))
+    assert resent == {"sent": [], "undelivered": []}
 
 
 def test_failed_retrain_run_notifies_the_same_person(project, prefect_server, listener):  # noqa: F811
@@ -234,4 +279,4 @@ def test_auto_retrain_off_removes_the_trigger(project, prefect_server, tmp_path)
         )
     )
     assert off["automations"][alerts.AUTO_RETRAIN]["action"] == "deleted"
-    assert automations(prefect_server) == sorted([alerts.DRIFT_ALERT, alerts.RETRAIN_FAILED_ALERT])
+    assert automations(prefect_server) == [alerts.RETRAIN_FAILED_ALERT]

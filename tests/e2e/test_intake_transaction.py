@@ -206,6 +206,33 @@ def test_a_mixed_batch_versions_the_good_drop_and_merge_follows_the_manifest(rep
     assert sh(["git", "status", "--porcelain", "--", *versioning.VERSIONED_FILES], repo).stdout == ""
 
 
+def test_a_content_fault_first_seen_at_merge_quarantines_the_drop_at_fault(repo):
+    """Two drops that each pass judging, but together with data/raw one breaks the whole-data suite
+    (validate.max_rows): it is quarantined, the other versioned, and nothing is left waiting."""
+    rows = len(pd.read_parquet(repo / "data/raw/interactions.parquet"))
+    small = week(repo, "a-small.parquet")
+    pd.read_parquet(small).head(3).to_parquet(small, index=False)
+    big = week(repo, "b-big.parquet")
+    assert len(pd.read_parquet(big)) > 3
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["validate"]["max_rows"] = rows + 3  # room for the small drop only
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "max_rows"], repo)
+
+    proc = rsllm(["ingest"], repo, check=False)
+    assert proc.returncode == 1  # a drop was quarantined
+    result = last_json(proc)
+    assert [a["drop"] for a in result["accepted"]] == ["a-small.parquet"]
+    assert [r["drop"] for r in result["rejected"]] == ["b-big.parquet"] and result["waiting"] == []
+    assert result["version"]["version"] == "data/v1" and tags(repo) == ["data/v1"]
+    reason = json.loads(next((repo / "data/quarantine").glob("*b-big.reason.json")).read_text())
+    assert reason["expectation"] == "drop merges" and "rejected when merged" in reason["message"]
+    assert not big.exists() and not small.exists() and transaction.pending(repo) is None
+    assert rows < len(pd.read_parquet(repo / "data/raw/interactions.parquet")) <= rows + 3
+    entries = [json.loads(line)["drop"] for line in (repo / "data/manifest.jsonl").read_text().splitlines()]
+    assert entries == ["a-small.parquet"]
+
+
 def test_a_fresh_clone_runs_dvc_repro_as_it_is_and_gets_the_data_docs(versioned, tmp_path):
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(versioned), str(clone)], tmp_path)
