@@ -28,9 +28,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from components import evaluate, pipeline, registry, report, versioning
 from components import gate as gate_lib
 from components import ingest as ingest_lib
+from components import pipeline, registry, report, versioning
+from components import rescore as rescore_lib
 from components.config import load_settings
 from components.errors import DataValidationError, GateRejected, RsllmError, SourceError, VersioningError
 from components.lock import repo_lock
@@ -88,7 +89,7 @@ def repro(repo: str, stage: str) -> dict:
 @task(name="rescore-production")
 def rescore(repo: str) -> str | None:
     """Score the production model on the new candidate sets; None when nothing is in production."""
-    return evaluate.score_production(Path(repo))
+    return rescore_lib.score_production(Path(repo))
 
 
 @task(name="gate")

@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.evaluate import remap_stage
+from components.rescore import remap_stage
 
 
 def test_stored_stage_follows_the_new_item_index_and_lists_unknown_items_as_cold(tmp_path):
