@@ -6,6 +6,7 @@ Rows (each scored like `rsllm evaluate`, 95% bootstrap CIs, paired tests vs SASR
   IDs-only            stage 2 trained and scored with items as their [ITEM] alone (titles removed)
   likelihood rank     the pipeline's stage 2 ranked by title log-likelihood instead of the head
   with/without USER   stage 2 with `llm.user_token` flipped (trained)
+  head from stage 1   stage 2 with `llm.head_init` flipped: stage 1's head instead of SASRec's geometry
   with KL             stage 2 with `llm.loss.distill` = 0.5 (trained)
   title-only          stage 1 (text only) trained on stage 1 + stage 2's samples
 Trained variants start from the pipeline's stage 1 with stage 2's budget.
@@ -41,9 +42,10 @@ from components.evaluate import (
 TRAINED = {
     "ids_only": {"prompt_titles": False},
     "user_flip": None,  # {"user_token": not the default}, set in main
+    "head_flip": None,  # {"head_init": the other one}, set in main
     "kl": {"loss": {"distill": 0.5}},
 }
-ALL = ["control", "ids_only", "likelihood", "user_flip", "kl", "title_only"]
+ALL = ["control", "ids_only", "likelihood", "user_flip", "head_flip", "kl", "title_only"]
 
 
 def train_variant(name: str, override: dict, raw: dict, args, work: Path):
@@ -107,6 +109,10 @@ def main() -> None:
             if name == "user_flip":
                 override = {"user_token": not settings.llm.user_token}
                 label = "stage 2 + [USER]" if not settings.llm.user_token else "stage 2 without [USER]"
+            if name == "head_flip":
+                other = "stage1" if settings.llm.head_init == "recommender" else "recommender"
+                override = {"head_init": other}
+                label = f"stage 2, head from {other}"
             out, var_settings, trained = train_variant(name, override, raw, args, Path(work))
             frames[label] = score_llm(name, args.base, out, args.prepared, var_settings)
             seconds[label] = trained

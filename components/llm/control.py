@@ -4,6 +4,7 @@ stages, over projected SASRec vectors with no LLM in between.
     score(user, c) = ScoreHead(P_u(SASRec user vector), P_i(SASRec item embedding of c))
 
 If stage 2 does not beat this, the LLM adds nothing that SASRec's vectors alone do not already carry.
+With `llm.head_init: recommender` the control's head starts at SASRec's geometry as stage 2's does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Control(nn.Module):
 
 def train_control(settings, prepared: Path, sasrec_dir: Path, hidden: int = 576) -> tuple[Control, dict]:
     """Train on stage 1's + stage 2's samples (the LLM's own draws), stage 2's batch size, lr and schedule."""
-    from components.llm.train import _lr_at
+    from components.llm.train import _lr_at, param_groups
     from components.recommender import load_item_embeddings
 
     llm_s, seed = settings.llm, settings.seed
@@ -52,14 +53,24 @@ def train_control(settings, prepared: Path, sasrec_dir: Path, hidden: int = 576)
     target = torch.tensor([s.candidates.index(s.target) for s in samples])  # [S]
     torch.manual_seed(seed)
     model = Control(table.shape[1], hidden, llm_s.projector_hidden, llm_s.head_dim)
+    head_fit = None
+    if llm_s.head_init == "recommender":  # as stage 2: the head starts at SASRec's geometry
+        from components.llm.head_init import calibrate_head
+
+        n = min(llm_s.head_init_samples, len(samples))
+        with torch.no_grad():
+            h_user, h_item = model.user(vecs[:n]), model.item(table[cands[:n]]).reshape(-1, hidden)
+        head_fit = calibrate_head(
+            model.head, h_user, vecs[:n], h_item, table[cands[:n]].reshape(-1, table.shape[1]), seed=seed
+        )
     st = llm_s.stage2
-    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, st.new_lr_scale), lr=st.lr, weight_decay=st.weight_decay)
     order = np.random.default_rng([seed, 3]).permutation(len(samples))
     batches = [order[i : i + st.batch_size] for i in range(0, len(order), st.batch_size)]
     losses = []
     for step, idx in enumerate(batches):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, st.lr, st.warmup_steps, len(batches))
+            g["lr"] = _lr_at(step, st.lr, st.warmup_steps, len(batches)) * g["scale"]
         idx = torch.from_numpy(idx)
         loss = F.cross_entropy(model(vecs[idx], table[cands[idx]]), target[idx])
         opt.zero_grad()
@@ -72,6 +83,7 @@ def train_control(settings, prepared: Path, sasrec_dir: Path, hidden: int = 576)
         "steps": len(batches),
         "loss_first_tenth": round(float(np.mean(losses[:tenth])), 4),
         "loss_last_tenth": round(float(np.mean(losses[-tenth:])), 4),
+        "head_init_fit": head_fit,
     }
     return model.eval(), info
 

@@ -109,4 +109,5 @@ def make_builder(tok, titles: Sequence[str], cfg: dict, cold_items: Sequence[int
         marked=cfg["prompt_format"] >= 2,
         user_token=cfg["user_token"],
         titles_in_prompt=cfg["prompt_titles"],
+        user_at_end=cfg["prompt_format"] >= 3,
     )

@@ -21,7 +21,9 @@ Format 2 (every model trained since the head ranker, `marked=True`): every candi
 the projected ID embedding), the head reads each candidate at its marker, and the candidates are listed
 in a canonical order (title, then item_idx), so the prompt depends on the candidate *set*, never on the
 order a caller passes (retrieval order must not leak SASRec's rank). With `user_token`, one `[USER]`
-placeholder after "This user" carries user_projector(SASRec user vector). `titles=False` renders items
+placeholder carries user_projector(SASRec user vector): after "This user" in format 2; in format 3 it is
+the prompt's last token, so the head's user state (the prompt's last hidden state) is read at it and
+carries the user vector in its own residual stream. `titles=False` renders items
 as their `[ITEM]` alone (the IDs-only ablation). Format 1 (older bundles) is rendered exactly as before.
 
 Prompts are built piecewise from cached per-title token ids (each title is tokenised once), so the ids
@@ -76,6 +78,7 @@ class PromptBuilder:
         marked: bool = False,
         user_token: bool = False,
         titles_in_prompt: bool = True,
+        user_at_end: bool = False,
     ):
         self.tok = tokenizer
         self.titles = list(titles)
@@ -85,6 +88,7 @@ class PromptBuilder:
         self.max_prompt_tokens = max_prompt_tokens
         self.marked = marked  # format 2: a marker after every candidate, canonical candidate order
         self.user_token = user_token and marked
+        self.user_at_end = user_at_end  # format 3: `[USER]` is the prompt's last token (the head reads it)
         self.titles_in_prompt = titles_in_prompt
         self.item_token_id = tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
         self.eos_id = tokenizer.eos_token_id
@@ -132,7 +136,7 @@ class PromptBuilder:
 
     def _render(self, history: Sequence[int], candidates: Sequence[int]) -> Prompt:
         p = Prompt(ids=list(self._head), history=list(history))
-        if self.user_token:  # "This user[USER] has watched:" (the head's first token is "This user")
+        if self.user_token and not self.user_at_end:  # format 2: "This user[USER] has watched:"
             p.ids = self._encode("This user") + [self.item_token_id] + self._encode(" has watched:")
             p.user_pos = len(self._encode("This user"))
         marker_at: dict[int, int] = {}
@@ -153,6 +157,9 @@ class PromptBuilder:
         p.ids += self._cands_head
         add_items(self.canonical(candidates) if self.marked else candidates, mark=self.marked)
         p.ids += self._question
+        if self.user_token and self.user_at_end:  # format 3: "... Answer:[USER]"
+            p.user_pos = len(p.ids)
+            p.ids.append(self.item_token_id)
         if self.marked:
             p.cand_pos = [marker_at[int(c)] for c in candidates]
         return p

@@ -30,6 +30,7 @@ from components.errors import ModelError
 from components.io import atomic_dir, write_json_atomic
 from components.llm.base import llm_dtype, load_base
 from components.llm.checkpoints import latest_checkpoint, load_checkpoint, run_key, save_checkpoint
+from components.llm.head_init import init_from_recommender
 from components.llm.model import (
     Projector,
     RsllmModel,
@@ -45,7 +46,8 @@ from components.llm.model import (
 from components.llm.prompts import PromptBuilder
 from components.llm.samples import collate, read_titles, training_samples, user_vectors
 
-PROMPT_FORMAT = 2  # components.llm.prompts: a marker after every candidate, canonical candidate order
+PROMPT_FORMAT = 3  # components.llm.prompts: format 2 (a marker after every candidate, canonical order) +
+# `[USER]` as the prompt's last token
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -77,6 +79,22 @@ def _lr_at(step: int, lr: float, warmup: int, total: int) -> float:
         return lr * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
     return lr * (1.0 - 0.9 * frac)
+
+
+def param_groups(model: torch.nn.Module, new_lr_scale: float) -> list[dict]:
+    """The trainable parameters as AdamW groups: LoRA at the stage's lr, and the modules started at
+    SASRec's geometry (score head, item and user projectors) at lr x new_lr_scale."""
+    new = set()
+    for name in ("head", "projector", "user_projector", "user", "item"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            new |= {id(p) for p in module.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in new], "scale": 1.0},
+        {"params": [p for p in trainable if id(p) in new], "scale": new_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def build_model(
@@ -172,9 +190,11 @@ def train_stage(
         Path(item_table) if isinstance(item_table, str | Path) and Path(item_table).is_dir() else None
     )
     user_vecs = None  # SASRec's user vector of each sample ([USER] token and distillation, stage 2)
-    if stage == 2 and (llm_s.user_token or llm_s.loss.distill > 0):
+    if stage == 2 and (llm_s.user_token or llm_s.loss.distill > 0 or llm_s.head_init == "recommender"):
         if sasrec_dir is None:
-            raise ModelError("llm.user_token / llm.loss.distill need the SASRec model folder as item_table")
+            raise ModelError(
+                "llm.user_token / llm.loss.distill / llm.head_init need the SASRec model folder as item_table"
+            )
         user_vecs = user_vectors(sasrec_dir, [list(s.prefix) for s in samples])
     model, tok = build_model(
         stage, llm_s, base_dir, stage1_dir, table, seed, torch.bfloat16 if cuda else torch.float32, user_vecs
@@ -188,11 +208,14 @@ def train_stage(
         marked=True,
         user_token=stage == 2 and llm_s.user_token,
         titles_in_prompt=llm_s.prompt_titles,
+        user_at_end=True,
     )
     if stage == 2 and llm_s.loss.id_text_space == "input":
         model.register_buffer("title_table", title_table(model, builder), persistent=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=st.lr, weight_decay=st.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, st.new_lr_scale), lr=st.lr, weight_decay=st.weight_decay
+    )
 
     # the whole run's order: one seeded permutation per epoch, cut into global batches
     order = np.concatenate(
@@ -205,6 +228,13 @@ def train_stage(
     ckpt_dir = Path(llm_s.checkpoint_dir) / f"stage{stage}-{key}"
     start, log, elapsed = 0, [], 0.0
     last = latest_checkpoint(ckpt_dir)
+    head_fit = None  # a resumed run loads the head it had trained instead
+    if stage == 2 and llm_s.head_init == "recommender" and last is None:
+        head_fit = init_from_recommender(
+            model, samples, builder, user_vecs, llm_s.head_init_samples, st.batch_size, seed
+        )
+        if acc.is_main_process:
+            console.print(f"stage 2: score head started at SASRec's geometry (ridge fits {head_fit})")
     if last is not None:
         meta = load_checkpoint(last, model, optimizer)
         start, log, elapsed = meta["step"], meta["log"], meta["elapsed"]
@@ -227,7 +257,7 @@ def train_stage(
             break
         t0 = time.perf_counter()
         for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, st.lr, st.warmup_steps, total)
+            g["lr"] = _lr_at(step, st.lr, st.warmup_steps, total) * g["scale"]
         torch.manual_seed(seed * 1_000_003 + step * 101 + rank)  # dropout: same on a resumed run
         picked = batches[step][rank::world]
         rows = [samples[i] for i in picked.tolist()]
@@ -310,6 +340,8 @@ def train_stage(
         "loss_parts_first_last_tenth": _parts_first_last(log),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "user_item_chance": round(math.log(llm_s.train_candidates), 4),
+        "head_init": llm_s.head_init if stage == 2 else "fresh",
+        "head_init_fit": head_fit,
         "checkpoint_dir": str(ckpt_dir),
         "key": key,
     }

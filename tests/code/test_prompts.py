@@ -103,6 +103,16 @@ def test_format2_text_only_user_token_and_ids_only(tok):
     p = user.prompt([1], [3, 4])
     assert p.user_pos is not None and p.ids[p.user_pos] == user.item_token_id
     assert p.user_pos not in p.item_pos  # the user placeholder is injected separately
+    assert p.user_pos < len(user.prompt([1], []).ids) - 10  # format 2: "This user[USER] has watched:"
+    end = PromptBuilder(
+        tok, TITLES, unified=True, n_id_items=6, marked=True, user_token=True, user_at_end=True
+    )
+    q = end.prompt([1], [3, 4])
+    assert q.user_pos == len(q.ids) - 1 and q.ids[-1] == end.item_token_id  # format 3: the last token
+    assert (
+        q.ids[:-1]
+        == PromptBuilder(tok, TITLES, unified=True, n_id_items=6, marked=True).prompt([1], [3, 4]).ids
+    )
     ids_only = PromptBuilder(tok, TITLES, unified=True, n_id_items=4, marked=True, titles_in_prompt=False)
     decoded = tok.decode(ids_only.prompt([1, 5], [3, 6]).ids)
     assert "Toy Story" not in decoded and "Casino" not in decoded  # items with an ID: marker alone

@@ -22,15 +22,15 @@ def trained(tmp_path_factory):
     return tmp, prepared, sasrec
 
 
-def _settings(tmp, samples: int):
+def _settings(tmp, samples: int, head_init: str = "recommender"):
     raw = llm_params(tmp, samples=samples, batch_size=16, lr=1e-2)
-    return parse_settings(deep_merge(raw, {"llm": {"head_dim": 32}}))
+    return parse_settings(deep_merge(raw, {"llm": {"head_dim": 32, "head_init": head_init}}))
 
 
 def test_the_control_learns_the_next_item_from_sasrec_vectors(trained):
     tmp, prepared, sasrec = trained
     test = pd.read_parquet(prepared / "test.parquet")
-    untrained, _ = train_control(_settings(tmp, 16), prepared, sasrec, hidden=32)  # one step
+    untrained, _ = train_control(_settings(tmp, 16, "stage1"), prepared, sasrec, hidden=32)  # one step
     model, info = train_control(_settings(tmp, 1024), prepared, sasrec, hidden=32)
     # stage 1's + stage 2's draws (each capped at every training position: 732 here), one pass
     assert info["samples"] == 2 * 732 and info["steps"] == -(-info["samples"] // 16)
@@ -48,3 +48,19 @@ def test_control_ranks_follow_the_target_column(trained):
     # moving the target to another column of the same candidate set leaves its rank unchanged
     moved = test.assign(candidates=[list(np.roll(c, 3)) for c in test["candidates"]])
     assert ranks.shape == (10,) and (control_ranks(model, sasrec, prepared, moved) == ranks).all()
+
+
+def test_the_recommender_head_init_starts_the_control_at_sasrecs_ranking(trained):
+    """With llm.head_init: recommender the head starts as ridge maps onto SASRec's vectors: after one
+    step the control ranks the test candidates as SASRec does (a random head does not)."""
+    from components.evaluate import score_sasrec
+
+    tmp, prepared, sasrec = trained
+    test = pd.read_parquet(prepared / "test.parquet")
+    sasrec_ranks = score_sasrec(sasrec, prepared, test)["rank"].to_numpy()
+    calibrated, info = train_control(_settings(tmp, 16), prepared, sasrec, hidden=32)  # one step
+    random_head, _ = train_control(_settings(tmp, 16, "stage1"), prepared, sasrec, hidden=32)
+    assert info["head_init_fit"]["r2_user"] > 0.9 and info["head_init_fit"]["r2_item"] > 0.9
+    same = float((control_ranks(calibrated, sasrec, prepared, test) == sasrec_ranks).mean())
+    same_random = float((control_ranks(random_head, sasrec, prepared, test) == sasrec_ranks).mean())
+    assert same >= 0.8 > same_random + 0.3, (same, same_random)
