@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 from _common import add_pipeline_paths, read_params, resolved_params
 from rich.console import Console
 from rich.table import Table
@@ -72,19 +73,34 @@ def main() -> None:
     add_pipeline_paths(parser)
     parser.add_argument("--variants", nargs="*", default=["control", "ids_only", "likelihood"], choices=ALL)
     parser.add_argument("--users", type=int, default=None, help="evaluated users (default: llm.eval_users)")
+    parser.add_argument(
+        "--from-eval",
+        type=Path,
+        default=None,
+        help="reports/eval/per_user.parquet of `rsllm evaluate` on the same users: reuse the pipeline's "
+        "rows instead of scoring them again",
+    )
     args = parser.parse_args()
     raw = resolved_params(read_params(args.params))  # variants keep the profile's sizes under overrides
     if args.users:
         raw = deep_merge(raw, {"llm": {"eval_users": args.users}})
     settings = parse_settings(raw)
     rows = eval_users(args.prepared, settings.llm.eval_users)
-    frames = {
-        "popularity": score_popularity(args.prepared, rows),
-        "sasrec": score_sasrec(args.sasrec, args.prepared, rows),
-        "base zero-shot": score_llm("base", args.base, None, args.prepared, settings),
-        "stage 1": score_llm("stage1", args.base, args.stage1, args.prepared, settings),
-        "stage 2": score_llm("stage2", args.base, args.stage2, args.prepared, settings),
-    }
+    names = {"popularity": "popularity", "sasrec": "sasrec", "base": "base zero-shot", "stage1": "stage 1"}
+    names["stage2"] = "stage 2"
+    if args.from_eval:
+        stored = pd.read_parquet(args.from_eval)
+        frames = {label: stored[stored["model"] == m].sort_values("user_idx") for m, label in names.items()}
+        if any(list(f["user_idx"]) != list(rows["user_idx"]) for f in frames.values()):
+            raise SystemExit(f"{args.from_eval}: not the {len(rows)} evaluated users of these params")
+    else:
+        frames = {
+            "popularity": score_popularity(args.prepared, rows),
+            "sasrec": score_sasrec(args.sasrec, args.prepared, rows),
+            "base zero-shot": score_llm("base", args.base, None, args.prepared, settings),
+            "stage 1": score_llm("stage1", args.base, args.stage1, args.prepared, settings),
+            "stage 2": score_llm("stage2", args.base, args.stage2, args.prepared, settings),
+        }
     seconds = {}
     with tempfile.TemporaryDirectory(prefix="rsllm-ablation-") as work:
         for name in args.variants:

@@ -18,9 +18,12 @@ from components.paths import OUTPUTS
 def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.DataFrame, out: Path) -> Path:
     """A copy of a stored stage whose ID-embedding table follows the current item_idx space.
 
-    Items the stored model never saw get a zero row and are listed as cold (title only).
+    Items the stored model never saw get a zero row and are listed as cold (title only). A `[USER]`
+    model's SASRec copy (its user encoder) gets the same remapped item table.
     """
     from safetensors.torch import load_file, save_file
+
+    from components.recommender import MODEL_FORMAT
 
     shutil.copytree(stage_dir, out)
     table = load_file(str(stage_dir / "item_embeddings.safetensors"))["item_embeddings"]
@@ -34,6 +37,13 @@ def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.D
         else:
             new[int(idx)] = table[int(j)]
     save_file({"item_embeddings": new.contiguous()}, str(out / "item_embeddings.safetensors"))
+    if (out / "sasrec").is_dir():  # a `[USER]` model's user encoder reads prefixes in the same numbering
+        weights = load_file(str(out / "sasrec" / "model.safetensors"))
+        weights["item_emb.weight"] = new.to(weights["item_emb.weight"].dtype).contiguous()
+        save_file(weights, str(out / "sasrec" / "model.safetensors"), metadata={"format": MODEL_FORMAT})
+        sasrec_cfg = json.loads((out / "sasrec" / "config.json").read_text())
+        sasrec_cfg["model"]["n_items"] = len(prepared_items)
+        (out / "sasrec" / "config.json").write_text(json.dumps(sasrec_cfg, indent=2))
     cfg = json.loads((out / "config.json").read_text())
     cfg["n_id_items"] = len(prepared_items)
     cfg["cold_items"] = cold

@@ -28,3 +28,32 @@ def test_stored_stage_follows_the_new_item_index_and_lists_unknown_items_as_cold
     assert cfg["n_id_items"] == 4 and cfg["cold_items"] == [2]
     original = load_file(str(stage / "item_embeddings.safetensors"))["item_embeddings"]
     assert original.shape == (4, 2)  # the stored model is untouched
+
+
+def test_a_user_token_models_sasrec_copy_is_remapped_with_it(tmp_path):
+    """A `[USER]` model carries SASRec (its user encoder): after the remap, the same items in the new
+    numbering give the same user vector as in the old one."""
+    from components.recommender import load_sasrec, save_model
+    from components.sasrec import SASRec, SASRecConfig
+
+    torch.manual_seed(0)
+    sasrec = SASRec(SASRecConfig(n_items=3, max_len=4, hidden=8, layers=1, heads=1, inner=16))
+    stage = tmp_path / "stage"
+    save_model(sasrec, ["a", "b", "c"], stage / "sasrec")
+    save_file(
+        {"item_embeddings": sasrec.item_emb.weight.detach().clone()},
+        str(stage / "item_embeddings.safetensors"),
+    )
+    (stage / "config.json").write_text(json.dumps({"mode": "unified", "n_id_items": 3, "user_token": True}))
+    old = pd.DataFrame({"item_idx": [1, 2, 3], "item_id": ["a", "b", "c"]})
+    new = pd.DataFrame({"item_idx": [1, 2, 3, 4], "item_id": ["c", "new", "a", "b"]})
+
+    out = remap_stage(stage, old, new, tmp_path / "remapped")
+
+    before, _ = load_sasrec(stage / "sasrec")
+    after, cfg = load_sasrec(out / "sasrec")
+    assert cfg.n_items == 4
+    with torch.no_grad():  # items a, b, c: 1, 2, 3 before and 3, 4, 1 after
+        u_old = before.user_vector(torch.tensor([[0, 1, 2, 3]]))
+        u_new = after.user_vector(torch.tensor([[0, 3, 4, 1]]))
+    torch.testing.assert_close(u_old, u_new)

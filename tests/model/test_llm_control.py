@@ -22,9 +22,11 @@ def trained(tmp_path_factory):
     return tmp, prepared, sasrec
 
 
-def _settings(tmp, samples: int, head_init: str = "recommender"):
-    raw = llm_params(tmp, samples=samples, batch_size=16, lr=1e-2)
-    return parse_settings(deep_merge(raw, {"llm": {"head_dim": 32, "head_init": head_init}}))
+def _settings(tmp, samples: int, head_init: str = "recommender", scale: float = 1.0):
+    raw = llm_params(tmp, samples=samples, batch_size=16, lr=1e-2, new_lr_scale=scale)
+    return parse_settings(
+        deep_merge(raw, {"llm": {"head_dim": 32, "head_init": head_init, "projector_hidden": 64}})
+    )
 
 
 def test_the_control_learns_the_next_item_from_sasrec_vectors(trained):
@@ -51,16 +53,17 @@ def test_control_ranks_follow_the_target_column(trained):
 
 
 def test_the_recommender_head_init_starts_the_control_at_sasrecs_ranking(trained):
-    """With llm.head_init: recommender the head starts as ridge maps onto SASRec's vectors: after one
-    step the control ranks the test candidates as SASRec does (a random head does not)."""
+    """With llm.head_init: recommender the head starts as ridge maps onto SASRec's vectors: the control
+    then ranks the test candidates as SASRec does (a random head does not)."""
     from components.evaluate import score_sasrec
 
     tmp, prepared, sasrec = trained
     test = pd.read_parquet(prepared / "test.parquet")
     sasrec_ranks = score_sasrec(sasrec, prepared, test)["rank"].to_numpy()
-    calibrated, info = train_control(_settings(tmp, 16), prepared, sasrec, hidden=32)  # one step
-    random_head, _ = train_control(_settings(tmp, 16, "stage1"), prepared, sasrec, hidden=32)
-    assert info["head_init_fit"]["r2_user"] > 0.9 and info["head_init_fit"]["r2_item"] > 0.9
+    # 2 x 64 samples: the fit reads 128 rows; training at lr x 1e-4 leaves the start where it is
+    calibrated, info = train_control(_settings(tmp, 64, scale=1e-4), prepared, sasrec, hidden=32)
+    random_head, _ = train_control(_settings(tmp, 64, "stage1", scale=1e-4), prepared, sasrec, hidden=32)
+    assert info["head_init_fit"]["r2_user"] > 0.7 and info["head_init_fit"]["r2_item"] > 0.7, info
     same = float((control_ranks(calibrated, sasrec, prepared, test) == sasrec_ranks).mean())
     same_random = float((control_ranks(random_head, sasrec, prepared, test) == sasrec_ranks).mean())
     assert same >= 0.8 > same_random + 0.3, (same, same_random)
