@@ -201,12 +201,7 @@ class LlmStageSettings(_Section):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1, description="global batch (split across processes)")
     lr: float = Field(2e-4, gt=0.0)
-    new_lr_scale: float = Field(
-        1.0,
-        gt=0.0,
-        description="learning rate of the modules started at SASRec's geometry (score head, projectors) "
-        "= lr x this: their outputs are small next to their weights, and a full-lr Adam step scrambles them",
-    )
+    new_lr_scale: float = Field(1.0, gt=0.0, description="lr x this for the score head and projectors")
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0, description="0 = no clipping")
@@ -225,19 +220,11 @@ class LlmSettings(_Section):
     rank: Literal["head", "likelihood"] = Field(
         "head", description="head: score head at each candidate's marker; likelihood: title log-likelihood"
     )
-    user_token: bool = Field(
-        False,
-        description="stage 2: a [USER] placeholder = projected SASRec user vector, as the prompt's "
-        "last token (the head reads the user there)",
-    )
+    user_token: bool = Field(False, description="stage 2: a last [USER] token = projected SASRec user vector")
     head_init: Literal["stage1", "recommender"] = Field(
-        "stage1",
-        description="stage 2's score head: stage1 (stage 1's head) or recommender (ridge maps from the "
-        "LLM's hidden states onto SASRec's user and item vectors: SASRec's geometry at step 0)",
+        "stage1", description="stage 2's head: stage 1's, or ridge maps onto SASRec's vectors (head_init.py)"
     )
-    head_init_samples: int = Field(
-        512, ge=8, description="training prompts read (forward only) to fit the recommender head init"
-    )
+    head_init_samples: int = Field(512, ge=8, description="prompts read for the recommender head init")
     prompt_titles: bool = Field(True, description="false: items with an ID are their [ITEM] alone (ablation)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"

@@ -37,7 +37,7 @@ class Control(nn.Module):
 
 def train_control(settings, prepared: Path, sasrec_dir: Path, hidden: int = 576) -> tuple[Control, dict]:
     """Train on stage 1's + stage 2's samples (the LLM's own draws), stage 2's batch size, lr and schedule."""
-    from components.llm.train import _lr_at, param_groups
+    from components.llm.optim import lr_at, param_groups
     from components.recommender import load_item_embeddings
 
     llm_s, seed = settings.llm, settings.seed
@@ -72,7 +72,7 @@ def train_control(settings, prepared: Path, sasrec_dir: Path, hidden: int = 576)
     losses = []
     for step, idx in enumerate(batches):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, st.lr, st.warmup_steps, len(batches)) * g["scale"]
+            g["lr"] = lr_at(step, st.lr, st.warmup_steps, len(batches)) * g["scale"]
         idx = torch.from_numpy(idx)
         loss = F.cross_entropy(model(vecs[idx], table[cands[idx]]), target[idx])
         opt.zero_grad()

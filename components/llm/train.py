@@ -43,11 +43,11 @@ from components.llm.model import (
     save_head,
     save_projector,
 )
+from components.llm.optim import lr_at, param_groups
 from components.llm.prompts import PromptBuilder
 from components.llm.samples import collate, read_titles, training_samples, user_vectors
 
-PROMPT_FORMAT = 3  # components.llm.prompts: format 2 (a marker after every candidate, canonical order) +
-# `[USER]` as the prompt's last token
+PROMPT_FORMAT = 3  # components.llm.prompts: a marker after every candidate, canonical order, `[USER]` last
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -71,30 +71,6 @@ def _parts_first_last(log: list[dict]) -> dict:
     neg = out["id_text_negatives"][0] or 0.0
     out["id_text_chance"] = round(math.log(neg + 1), 4) if neg else None
     return out
-
-
-def _lr_at(step: int, lr: float, warmup: int, total: int) -> float:
-    """Linear warmup, then linear decay to 10% of lr (a pure function of the step: nothing to checkpoint)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return lr * (1.0 - 0.9 * frac)
-
-
-def param_groups(model: torch.nn.Module, new_lr_scale: float) -> list[dict]:
-    """The trainable parameters as AdamW groups: LoRA at the stage's lr, and the modules started at
-    SASRec's geometry (score head, item and user projectors) at lr x new_lr_scale."""
-    new = set()
-    for name in ("head", "projector", "user_projector", "user", "item"):
-        module = getattr(model, name, None)
-        if isinstance(module, torch.nn.Module):
-            new |= {id(p) for p in module.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) not in new], "scale": 1.0},
-        {"params": [p for p in trainable if id(p) in new], "scale": new_lr_scale},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def build_model(
@@ -257,7 +233,7 @@ def train_stage(
             break
         t0 = time.perf_counter()
         for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, st.lr, st.warmup_steps, total) * g["scale"]
+            g["lr"] = lr_at(step, st.lr, st.warmup_steps, total) * g["scale"]
         torch.manual_seed(seed * 1_000_003 + step * 101 + rank)  # dropout: same on a resumed run
         picked = batches[step][rank::world]
         rows = [samples[i] for i in picked.tolist()]
