@@ -22,11 +22,10 @@ def trained(tmp_path_factory):
     return tmp, prepared, sasrec
 
 
-def _settings(tmp, samples: int, head_init: str = "recommender", scale: float = 1.0):
+def _settings(tmp, samples: int, head_init: str = "stage1", scale: float = 1.0, projector_hidden: int = 16):
     raw = llm_params(tmp, samples=samples, batch_size=16, lr=1e-2, new_lr_scale=scale)
-    return parse_settings(
-        deep_merge(raw, {"llm": {"head_dim": 32, "head_init": head_init, "projector_hidden": 64}})
-    )
+    llm = {"head_dim": 32, "head_init": head_init, "projector_hidden": projector_hidden}
+    return parse_settings(deep_merge(raw, {"llm": llm}))
 
 
 def test_the_control_learns_the_next_item_from_sasrec_vectors(trained):
@@ -61,8 +60,9 @@ def test_the_recommender_head_init_starts_the_control_at_sasrecs_ranking(trained
     test = pd.read_parquet(prepared / "test.parquet")
     sasrec_ranks = score_sasrec(sasrec, prepared, test)["rank"].to_numpy()
     # 2 x 64 samples: the fit reads 128 rows; training at lr x 1e-4 leaves the start where it is
-    calibrated, info = train_control(_settings(tmp, 64, scale=1e-4), prepared, sasrec, hidden=32)
-    random_head, _ = train_control(_settings(tmp, 64, "stage1", scale=1e-4), prepared, sasrec, hidden=32)
+    wide = {"scale": 1e-4, "projector_hidden": 128}  # projectors wide enough to carry SASRec's 32 dims
+    calibrated, info = train_control(_settings(tmp, 64, "recommender", **wide), prepared, sasrec, hidden=64)
+    random_head, _ = train_control(_settings(tmp, 64, "stage1", **wide), prepared, sasrec, hidden=64)
     assert info["head_init_fit"]["r2_user"] > 0.7 and info["head_init_fit"]["r2_item"] > 0.7, info
     same = float((control_ranks(calibrated, sasrec, prepared, test) == sasrec_ranks).mean())
     same_random = float((control_ranks(random_head, sasrec, prepared, test) == sasrec_ranks).mean())
