@@ -86,9 +86,9 @@ def main() -> None:
         raw = deep_merge(raw, {"llm": {"eval_users": args.users}})
     settings = parse_settings(raw)
     rows = eval_users(args.prepared, settings.llm.eval_users)
-    names = {"popularity": "popularity", "sasrec": "sasrec", "base": "base zero-shot", "stage1": "stage 1"}
-    names["stage2"] = "stage 2"
-    if args.from_eval:
+    if args.from_eval:  # the pipeline's names in per_user.parquet -> this table's labels
+        names = {"popularity": "popularity", "sasrec": "sasrec", "base": "base zero-shot"}
+        names |= {"stage1": "stage 1", "stage2": "stage 2"}
         stored = pd.read_parquet(args.from_eval)
         frames = {label: stored[stored["model"] == m].sort_values("user_idx") for m, label in names.items()}
         if any(list(f["user_idx"]) != list(rows["user_idx"]) for f in frames.values()):
