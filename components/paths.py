@@ -1,22 +1,32 @@
-"""Where the stages put their outputs, relative to the repository (the same paths dvc.yaml declares).
-
-Written here once for Python; dvc.yaml holds the other copy (issue 13: one `paths:` block in params.yaml).
-"""
+"""Where the stages put their outputs, relative to a repository: params.yaml's `paths:` block
+(components.config.PathsSettings), the same block dvc.yaml reads as `${paths.<key>}`. Written once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-OUTPUTS = {
-    "prepared": Path("data/prepared"),
-    "catalogue": Path("data/raw/items.parquet"),
-    "sasrec": Path("models/sasrec"),
-    "onnx": Path("models/onnx"),
-    "base": Path("models/base"),
-    "stage1": Path("models/llm/stage1"),
-    "stage2": Path("models/llm/stage2"),
-    "projected": Path("models/projected"),
-    "eval": Path("metrics/eval.json"),
-    "production_eval": Path("metrics/production.json"),
-    "gate": Path("reports/gate.json"),
-}
+from components.config import PathsSettings, load_settings
+
+
+def outputs(repo: Path) -> dict[str, Path]:
+    """The outputs the library reads, by name, under `repo` (as its params.yaml's `paths:` places them)."""
+    repo = Path(repo)
+    p = load_settings(repo / "params.yaml").paths if (repo / "params.yaml").exists() else PathsSettings()
+    return {
+        k: repo / v
+        for k, v in {
+            "prepared": p.prepared,
+            "catalogue": Path("data/raw/items.parquet"),  # the fixed data layout (config.PathsSettings)
+            "sasrec": p.sasrec,
+            "onnx": p.onnx,
+            "base": p.base,
+            "stage1": p.stage1,
+            "stage2": p.stage2,
+            "projected": p.projected,
+            "eval": p.eval_metrics,
+            "production_eval": p.production_eval,
+            "gate": p.gate,
+            "validation": Path("reports/validation"),
+            "eval_reports": p.eval_reports,
+        }.items()
+    }

@@ -26,7 +26,7 @@ import bentoml
 from components.errors import RegistryError
 from components.io import sha256_of, write_json_atomic
 from components.lock import repo_lock
-from components.paths import OUTPUTS
+from components.paths import outputs
 
 MODEL_NAME = "rsllm"
 CHECKSUMS = "checksums"  # metadata key: {relative path: sha256} of every file of a candidate bundle
@@ -317,7 +317,7 @@ def _jsonable(obj):
 
 def candidate_parts(repo: Path) -> dict[str, Path]:
     """Everything the service needs, by its name inside the stored model."""
-    o = {k: repo / v for k, v in OUTPUTS.items()}
+    o = outputs(repo)
     return {
         "onnx": o["onnx"],
         "llm": o["stage2"],
@@ -335,10 +335,11 @@ def promote_candidate(repo: Path) -> dict:
     from components.versioning import current_data_version, git_commit
 
     settings = load_settings(repo / "params.yaml")
-    gate = json.loads((repo / OUTPUTS["gate"]).read_text())
+    o = outputs(repo)
+    gate = json.loads(o["gate"].read_text())
     if not gate["passed"]:
-        raise RegistryError(f"{repo / OUTPUTS['gate']}: the gate did not pass; refusing to promote")
-    base_tag = save_base(repo / OUTPUTS["base"])
+        raise RegistryError(f"{o['gate']}: the gate did not pass; refusing to promote")
+    base_tag = save_base(o["base"])
     metadata = {
         "metrics": {k: v for k, v in gate["metrics"].items() if isinstance(v, int | float)},
         "data_version": current_data_version(repo),

@@ -6,16 +6,17 @@ import json
 from pathlib import Path
 
 from components import registry
-from components.paths import OUTPUTS
+from components.paths import outputs
 from components.versioning import current_data_version
 
 
 def report_markdown(repo: Path, timings: list[dict], intake: dict) -> str:
     """The run's artifact: new metrics vs production, the gate's decision and reasons, reports, data."""
-    metrics = json.loads((repo / OUTPUTS["eval"]).read_text()) if (repo / OUTPUTS["eval"]).exists() else {}
-    prod_path = repo / OUTPUTS["production_eval"]
+    o = outputs(repo)
+    metrics = json.loads(o["eval"].read_text()) if o["eval"].exists() else {}
+    prod_path = o["production_eval"]
     prod = json.loads(prod_path.read_text()).get("production") if prod_path.exists() else None
-    gate = json.loads((repo / OUTPUTS["gate"]).read_text()) if (repo / OUTPUTS["gate"]).exists() else {}
+    gate = json.loads(o["gate"].read_text()) if o["gate"].exists() else {}
     rows = ["| model | HR@1 | HR@5 | NDCG@5 | ValidRatio | users |", "|---|---|---|---|---|---|"]
     for name, m in [*metrics.items(), *([("production (re-scored)", prod)] if prod else [])]:
         if isinstance(m, dict) and "hr@1" in m:
@@ -53,9 +54,9 @@ def report_markdown(repo: Path, timings: list[dict], intake: dict) -> str:
                 "",
                 "## Reports",
                 "",
-                f"- validation: {repo / 'reports/validation/docs/index.html'}",
-                f"- evaluation: {repo / 'reports/eval/comparison.md'}",
-                f"- gate: {repo / OUTPUTS['gate']}",
+                f"- validation: {o['validation'] / 'docs/index.html'}",
+                f"- evaluation: {o['eval_reports'] / 'comparison.md'}",
+                f"- gate: {o['gate']}",
             ]
         )
         + "\n"
@@ -65,10 +66,10 @@ def report_markdown(repo: Path, timings: list[dict], intake: dict) -> str:
 def summary_text(repo: Path) -> str:
     """The comparison table and the gate's decision, for a terminal (make demo)."""
     parts = []
-    table = repo / "reports/eval/comparison.md"
+    table = outputs(repo)["eval_reports"] / "comparison.md"
     if table.exists():
         parts += ["Comparison on the same 20-candidate test sets:", table.read_text()]
-    gate_path = repo / OUTPUTS["gate"]
+    gate_path = outputs(repo)["gate"]
     if gate_path.exists():
         gate = json.loads(gate_path.read_text())
         parts.append(f"Gate: {'PASSED' if gate['passed'] else 'REJECTED'}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from components.evaluate import score_model_dirs
-from components.paths import OUTPUTS
+from components.paths import outputs
 
 
 def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.DataFrame, out: Path) -> Path:
@@ -57,7 +57,7 @@ def score_production(repo: Path) -> str | None:
     from components.config import load_settings
 
     pointer = registry.read_production(repo)
-    out = repo / OUTPUTS["production_eval"]
+    out = outputs(repo)["production_eval"]
     if pointer is None:
         out.unlink(missing_ok=True)
         return None
@@ -65,7 +65,7 @@ def score_production(repo: Path) -> str | None:
     model = registry.get_model(pointer["model_tag"])
     base = registry.get_model(pointer["base_tag"])
     stored = Path(model.path)
-    prepared = repo / OUTPUTS["prepared"]
+    prepared = outputs(repo)["prepared"]
     with tempfile.TemporaryDirectory() as tmp:
         stage = remap_stage(
             stored / "llm",

@@ -52,6 +52,8 @@ def run_key(
         "projector_hidden": s["projector_hidden"],
         "head_dim": s["head_dim"],
         "user_token": s["user_token"],
+        "head_init": [s["head_init"], s["head_init_samples"]],
+        "head_layer": s["head_layer"],
         "prompt_titles": s["prompt_titles"],
         "dtype": s["dtype"],
         "prompt_format": 2,

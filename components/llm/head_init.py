@@ -77,13 +77,14 @@ def read_states(model, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     model.eval()
     users, items, idx = [], [], []
     for batch in batches:
-        h = model.hidden(
+        _, h = model.head_states(
             batch["input_ids"],
             batch["item_at"],
             batch["attention_mask"],
             user_pos=batch["user_pos"],
             user_vec=batch.get("user_vec"),
-        ).float()  # [B, T, H]
+        )
+        h = h.float()  # [B, T, H]: the score head's input layer
         rows = torch.arange(len(h))
         users.append(h[rows, batch["prompt_end"]])
         items.append(h[rows[:, None], batch["cand_pos"]].reshape(-1, h.shape[-1]))

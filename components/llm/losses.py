@@ -100,13 +100,13 @@ def batch_losses(
 ) -> dict[str, torch.Tensor]:
     """All losses of one training batch (see components.llm.samples.collate for the batch layout)."""
     ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
-    h = model.hidden(
+    h, h_head = model.head_states(
         ids,
         batch["item_at"],
         batch["attention_mask"],
         user_pos=batch["user_pos"],
         user_vec=batch.get("user_vec"),
-    )  # [B, T, H]
+    )  # [B, T, H] each: the last layer's (L_lm, L_id_text) and the score head's input (llm.head_layer)
     # position t predicts token t+1: keep only positions whose next token is part of the answer
     sel = labels[:, 1:] != -100  # [B, T-1]
     l_lm = lm_loss(model.logits(h[:, :-1][sel]), labels[:, 1:][sel])  # logits [n_answer_tokens, V]
@@ -115,7 +115,7 @@ def batch_losses(
     diag = {"id_text_negatives": zero, "cos_id": zero, "cos_text": zero}
     scores = None
     if a > 0 or c > 0:
-        scores = model.head_scores(h, batch["prompt_end"], batch["cand_pos"])  # [B, C]
+        scores = model.head_scores(h_head, batch["prompt_end"], batch["cand_pos"])  # [B, C]
     if a > 0:
         l_ui = F.cross_entropy(scores, batch["target_col"])
     if c > 0 and model.unified and "user_vec" in batch:

@@ -58,14 +58,18 @@ def calibrate_projector(
 class ScoreHead(nn.Module):
     """The ranker's two small projection heads: score(user, c) = <W_u h_user, W_i h_c> / sqrt(dim).
 
-    h_user = the last hidden state of the prompt, h_c = the hidden state at candidate c's `[ITEM]` marker.
+    h_user = the hidden state at the prompt's last position, h_c = the hidden state at candidate c's `[ITEM]`
+    marker, both read after decoder layer `layer` (-1: the last layer, after the final norm; k >= 1: the
+    output of layer k, where the injected ID vectors are still nearly intact: llm.head_layer).
     Trained with a softmax over each prompt's candidates (L_user_item); ranking reads the same scores.
     `id` and `text` project an item's ID embedding and its title's hidden state for L_id_text.
     """
 
-    def __init__(self, hidden: int, dim: int = 256):
+    def __init__(self, hidden: int, dim: int = 256, layer: int = -1):
         super().__init__()
-        self.hidden, self.dim = hidden, dim
+        if layer == 0 or layer < -1:
+            raise ModelError(f"score head layer {layer}: -1 (the last) or a decoder layer k >= 1")
+        self.hidden, self.dim, self.layer = hidden, dim, layer
         self.user = nn.Linear(hidden, dim)
         self.item = nn.Linear(hidden, dim)
         self.id = nn.Linear(hidden, dim)
@@ -78,7 +82,7 @@ class ScoreHead(nn.Module):
         return torch.einsum("bd,bcd->bc", u, c).float() / self.dim**0.5
 
     def config(self) -> dict:
-        return {"hidden": self.hidden, "dim": self.dim}
+        return {"hidden": self.hidden, "dim": self.dim, "layer": self.layer}
 
 
 def save_head(head: ScoreHead, path: Path) -> None:
@@ -99,7 +103,7 @@ def load_head(path: Path) -> ScoreHead:
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata() or {}
     try:
-        head = ScoreHead(int(meta["hidden"]), int(meta["dim"]))
+        head = ScoreHead(int(meta["hidden"]), int(meta["dim"]), int(meta.get("layer", -1)))
     except KeyError as e:
         raise ModelError(f"{path}: metadata lacks {e} (not a score head file)") from None
     head.load_state_dict(load_file(str(path)))
@@ -246,16 +250,31 @@ class RsllmModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         user_pos: torch.Tensor | None = None,
         user_vec: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Last-layer hidden states [B, T, H]; attention_mask may be [B, T] or a 4D [B, 1, T, T] mask."""
+        layer: int = -1,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer hidden states [B, T, H]; attention_mask may be [B, T] or a 4D [B, 1, T, T] mask.
+
+        layer = k >= 1: also the output of decoder layer k, as (last [B, T, H], layer k [B, T, H]), from the
+        same forward (the score head's input with llm.head_layer)."""
         decoder = self.causal_lm.get_decoder()
         out = decoder(
             inputs_embeds=self.embed(input_ids, item_at, user_pos, user_vec),
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            output_hidden_states=layer != -1,
         )
-        return out.last_hidden_state
+        if layer == -1:
+            return out.last_hidden_state
+        if layer >= len(out.hidden_states) - 1:
+            raise ModelError(f"head layer {layer}: the LLM has {len(out.hidden_states) - 1} decoder layers")
+        return out.last_hidden_state, out.hidden_states[layer]
+
+    def head_states(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last-layer states, the score head's input states), both [B, T, H], from one forward."""
+        layer = self.head.layer if self.head is not None else -1
+        out = self.hidden(*args, **kwargs, layer=layer)
+        return (out, out) if layer == -1 else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [.., H] -> [.., V]
         """LM head on selected hidden states only (logits are computed where needed)."""

@@ -107,9 +107,9 @@ def score_head(
         attn[b, : len(p.ids)] = 1
         cand_pos[b, : len(p.cand_pos)] = torch.tensor(p.cand_pos)
     end = torch.tensor([len(p.ids) - 1 for p in prompts])
-    h = model.hidden(
+    _, h = model.head_states(
         ids.to(device), item_at.to(device), attn.to(device), **_user_inputs(prompts, user_vecs, device)
-    )  # [B, T, H]
+    )  # [B, T, H]: the score head's input layer
     scores = model.head_scores(h, end.to(device), cand_pos.to(device)).float().cpu()  # [B, C]
     for b, p in enumerate(prompts):
         scores[b, len(p.cand_pos) :] = float("-inf")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -91,12 +90,13 @@ def build_model(
     torch.manual_seed(seed)
     if stage == 1:
         llm = add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules))
-        return RsllmModel(llm, head=ScoreHead(hidden, llm_settings.head_dim)), tok
+        return RsllmModel(llm, head=ScoreHead(hidden, llm_settings.head_dim, llm_settings.head_layer)), tok
     if stage1_dir is None or item_table is None:
         raise ModelError("stage 2 needs stage 1's output folder and the SASRec item embeddings")
     llm = load_lora(base, Path(stage1_dir) / "adapter", trainable=True)
     head_path = Path(stage1_dir) / "head.safetensors"
     head = load_head(head_path) if head_path.exists() else ScoreHead(hidden, llm_settings.head_dim)
+    head.layer = llm_settings.head_layer
     tokens = base.get_input_embeddings().weight
     projector = Projector(item_table.shape[1], hidden, llm_settings.projector_hidden)
     calibrate_projector(projector, item_table, tokens)
@@ -378,9 +378,3 @@ def write_outputs(
             shutil.copytree(sasrec_dir, tmp / "sasrec")  # the user vectors' encoder travels with the model
         write_json_atomic(tmp / "config.json", config)
         write_json_atomic(tmp / "train_log.json", log)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m components.llm.train` is `rsllm train-llm`
-    from components.cli import app
-
-    sys.exit(app(["train-llm", *sys.argv[1:]]))
