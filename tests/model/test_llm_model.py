@@ -126,3 +126,39 @@ def test_calibrated_projector_starts_at_the_mean_token_embedding(parts):
         0.1 * tok_dev.pow(2).mean().sqrt().item(), rel=1e-3
     )
     assert dev.abs().sum() > 0  # items still differ
+
+
+def test_head_reads_the_configured_layer(parts, tmp_path):
+    """llm.head_layer: the score head reads decoder layer k's output, in training (L_user_item) and when
+    saved and loaded; layer 0 and layers past the LLM's depth are refused."""
+    import torch.nn.functional as F
+
+    from components.errors import ModelError
+    from components.llm.model import load_head, save_head
+
+    llm, tok, table, proj = parts
+    head = ScoreHead(llm.config.hidden_size, 8, layer=1)
+    save_head(head, tmp_path / "head.safetensors")
+    assert load_head(tmp_path / "head.safetensors").layer == 1
+    with pytest.raises(ModelError, match="layer 0"):
+        ScoreHead(llm.config.hidden_size, 8, layer=0)
+    model = RsllmModel(llm, proj, table, head)
+    b = PromptBuilder(tok, TITLES, unified=True, n_id_items=10, marked=True)
+    batch = collate([Sample(0, [1, 2], 3, [3, 4, 5]), Sample(1, [4], 6, [7, 6, 8])], b)
+    args = (batch["input_ids"], batch["item_at"], batch["attention_mask"])
+    with torch.no_grad():
+        last, first = model.head_states(*args)
+        out = batch_losses(model, batch, a=1.0)
+        want = F.cross_entropy(
+            model.head_scores(first, batch["prompt_end"], batch["cand_pos"]), batch["target_col"]
+        )
+        other = F.cross_entropy(
+            model.head_scores(last, batch["prompt_end"], batch["cand_pos"]), batch["target_col"]
+        )
+    torch.testing.assert_close(last, model.hidden(*args))
+    assert not torch.allclose(first, last)
+    torch.testing.assert_close(out["user_item"], want)
+    assert not torch.isclose(out["user_item"], other)
+    head.layer = llm.config.num_hidden_layers  # the last layer's output is `-1` (after the final norm)
+    with pytest.raises(ModelError, match="decoder layers"):
+        model.head_states(*args)
