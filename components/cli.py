@@ -5,8 +5,6 @@ Errors of the project's own kinds (components.errors) print as one clear line an
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -15,8 +13,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from components.config import DEFAULT_PARAMS, Settings, load_settings
-from components.errors import RsllmError
+from components.cli_alerts import alerts_app
+from components.cli_common import ParamsOpt, SettingsOpt, cli_errors, console
+from components.cli_common import print_json as _print_json
+from components.cli_common import settings_for as _settings
+from components.config import DEFAULT_PARAMS
 
 app = typer.Typer(
     help="RSLLM-Ops: data, models and operations of an LLM-based sequential recommender.",
@@ -25,44 +26,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Data versions: list and restore.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-alerts_app = typer.Typer(help="Alerts on the Prefect server (drift, failed retrains).", no_args_is_help=True)
 app.add_typer(alerts_app, name="alerts")
-
-console = Console(stderr=True)
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read", envvar="RSLLM_PARAMS")]
-SettingsOpt = Annotated[
-    Path | None,
-    typer.Option("--settings", help="this stage's settings file (dvc.yaml): refuse to run if it is stale"),
-]
-
-
-def cli_errors(fn):
-    """Project errors as one red line + exit 1 (or the error's exit_code: 2 for a non-drop path)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RsllmError as e:
-            console.print(f"[bold red]{type(e).__name__}:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(getattr(e, "exit_code", 1)) from None
-
-    return wrapper
-
-
-def _settings(params: Path, consumer: str | None = None, settings_file: Path | None = None) -> Settings:
-    """params.yaml's settings; with a settings file, first check that it holds `consumer`'s exactly."""
-    s = load_settings(params)
-    if settings_file is not None:
-        from components.stage_settings import check_settings
-
-        check_settings(s, consumer, settings_file)
-    return s
-
-
-def _print_json(obj: object) -> None:
-    """Machine-readable result on stdout (the last line)."""
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
 
 
 @app.command()
@@ -422,61 +386,6 @@ def drift(
     result = d.check_drift(_settings(params), Path("."), path, reference, out, html=html)
     d.print_verdict(result, console)
     _print_json(d.summary(result))
-
-
-@alerts_app.command("setup")
-@cli_errors
-def alerts_setup(
-    params: ParamsOpt = DEFAULT_PARAMS,
-    webhook_url: str | None = typer.Option(None, help="overrides drift.alerts.webhook_url (or Slack's)"),
-) -> None:
-    """Create or update (by name) the notification block and the automations on the Prefect server."""
-    from components import alerts
-
-    _print_json(alerts.setup(_settings(params).drift, webhook_url))
-
-
-@alerts_app.command("status")
-@cli_errors
-def alerts_status(repo: Path = typer.Option(Path("."), help="the repository")) -> None:
-    """Every drift alert with its delivery: delivered, or undelivered with the last error."""
-    from rich.table import Table
-
-    from components import alerts
-
-    rows = sorted(alerts.states(repo).values(), key=lambda s: (s["date"], s["source"]))
-    table = Table("week", "drop", "status", "attempts", "last attempt", "error", title="drift alerts")
-    for s in rows:
-        style = "green" if s["status"] == "delivered" else "bold red"
-        table.add_row(
-            s["date"],
-            Path(s["source"]).name,
-            f"[{style}]{s['status']}[/]",
-            str(s["attempts"]),
-            s.get("at", ""),
-            s["error"] or "",
-        )
-    console.print(table)
-    keep = ("sha256", "source", "date", "status", "attempts", "at", "error")
-    undelivered = [s["source"] for s in rows if s["status"] != "delivered"]
-    _print_json({"alerts": [{k: s.get(k) for k in keep} for s in rows], "undelivered": undelivered})
-
-
-@alerts_app.command("resend")
-@cli_errors
-def alerts_resend(
-    repo: Path = typer.Option(Path("."), help="the repository"), params: ParamsOpt = DEFAULT_PARAMS
-) -> None:
-    """Send every undelivered drift alert again now (the drift flow also does, on every run)."""
-    from components import alerts
-    from components.errors import AlertError
-
-    attempts = alerts.resend(repo, _settings(params).drift.alerts)
-    undelivered = [a["source"] for a in attempts if a["status"] != "delivered"]
-    _print_json({"sent": [a["source"] for a in attempts], "undelivered": undelivered})
-    if undelivered:
-        errors = sorted({a["error"] for a in attempts if a["error"]})
-        raise AlertError(f"still undelivered: {', '.join(undelivered)} ({'; '.join(errors)})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from components.errors import ConfigError
 from components.lock import LockSettings
+from components.paths import PathsSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = Path("params.yaml")  # relative to the working directory (the repo root)
@@ -225,9 +226,7 @@ class LlmSettings(_Section):
         "stage1", description="stage 2's head: stage 1's, or ridge maps onto SASRec's vectors (head_init.py)"
     )
     head_init_samples: int = Field(512, ge=8, description="prompts read for the recommender head init")
-    head_layer: int = Field(
-        -1, ge=-1, description="the score head reads decoder layer k's output (-1: the last, after the norm)"
-    )
+    head_layer: int = Field(-1, ge=-1, description="the head reads decoder layer k's output; -1: the last")
     prompt_titles: bool = Field(True, description="false: items with an ID are their [ITEM] alone (ablation)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
@@ -315,36 +314,6 @@ class DriftSettings(_Section):
     figures: DriftFigures = DriftFigures()
     auto_retrain: bool = Field(False, description="a drift event runs the weekly-retrain deployment")
     alerts: AlertSettings = AlertSettings()
-
-
-class PathsSettings(_Section):
-    """Where the model stages read and write, relative to the repository, written once: dvc.yaml uses
-    them as `${paths.<key>}`, the CLI as its defaults, the library through components.paths.outputs.
-    The data layout (data/fetched, data/raw, data/accepted, reports/validation) is fixed: intake,
-    versioning and drift work on it (data/dvc.yaml)."""
-
-    settings: Path = Path("settings")
-    prepared: Path = Path("data/prepared")
-    data_metrics: Path = Path("metrics/data.json")
-    sasrec: Path = Path("models/sasrec")
-    sasrec_metrics: Path = Path("metrics/sasrec.json")
-    sasrec_curve: Path = Path("metrics/sasrec_curve.json")
-    onnx: Path = Path("models/onnx")
-    base: Path = Path("models/base")
-    stage1: Path = Path("models/llm/stage1")
-    stage2: Path = Path("models/llm/stage2")
-    projected: Path = Path("models/projected")
-    eval_metrics: Path = Path("metrics/eval.json")
-    eval_reports: Path = Path("reports/eval")
-    production_eval: Path = Path("metrics/production.json")
-    gate: Path = Path("reports/gate.json")
-
-    @model_validator(mode="after")
-    def _inside_repo(self) -> PathsSettings:
-        for key, path in self:
-            if path.is_absolute() or ".." in path.parts or str(path) in ("", "."):
-                raise ValueError(f"paths.{key}: {str(path)!r} must be a path inside the repository")
-        return self
 
 
 class Settings(_Section):
