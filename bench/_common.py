@@ -7,17 +7,24 @@ from pathlib import Path
 
 import yaml
 
-from components.config import deep_merge, parse_settings
+from components.config import deep_merge, load_settings, parse_settings
 
 
 def add_pipeline_paths(parser: argparse.ArgumentParser) -> None:
-    """--params and the pipeline's outputs a bench reads (after `dvc repro evaluate`)."""
+    """--params and the pipeline's outputs a bench reads (after `dvc repro evaluate`); each defaults to
+    params.yaml's `paths:` (see pipeline_paths)."""
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--base", type=Path, default=Path("models/base"))
-    parser.add_argument("--stage1", type=Path, default=Path("models/llm/stage1"))
-    parser.add_argument("--stage2", type=Path, default=Path("models/llm/stage2"))
-    parser.add_argument("--sasrec", type=Path, default=Path("models/sasrec"))
+    for name in ("prepared", "base", "stage1", "stage2", "sasrec"):
+        parser.add_argument(f"--{name}", type=Path, default=None, help=f"default: params paths.{name}")
+
+
+def pipeline_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the path options not given on the command line from params.yaml's `paths:`."""
+    paths = load_settings(args.params).paths
+    for name in ("prepared", "base", "stage1", "stage2", "sasrec"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(paths, name))
+    return args
 
 
 def resolved_params(raw: dict) -> dict:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from _common import add_pipeline_paths, read_params, resolved_params
+from _common import add_pipeline_paths, pipeline_paths, read_params, resolved_params
 from rich.console import Console
 from rich.table import Table
 
@@ -80,7 +80,7 @@ def main() -> None:
         help="reports/eval/per_user.parquet of `rsllm evaluate` on the same users: reuse the pipeline's "
         "rows instead of scoring them again",
     )
-    args = parser.parse_args()
+    args = pipeline_paths(parser.parse_args())
     raw = resolved_params(read_params(args.params))  # variants keep the profile's sizes under overrides
     if args.users:
         raw = deep_merge(raw, {"llm": {"eval_users": args.users}})

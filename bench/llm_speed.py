@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import add_pipeline_paths, read_params, resolved_params
+from _common import add_pipeline_paths, pipeline_paths, read_params, resolved_params
 from rich.console import Console
 from rich.table import Table
 
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument(
         "--train-dtype", default=None, help=argparse.SUPPRESS
     )  # internal: one dtype's train rows
-    args = parser.parse_args()
+    args = pipeline_paths(parser.parse_args())
     raw = resolved_params(read_params(args.params))
     if args.train_dtype:
         with tempfile.TemporaryDirectory() as tmp:

@@ -70,8 +70,8 @@ def _p(values: list[float], q: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", type=Path, default=Path("models/sasrec"))
-    ap.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    ap.add_argument("--model-dir", type=Path, default=None, help="default: params paths.sasrec")
+    ap.add_argument("--prepared", type=Path, default=None, help="default: params paths.prepared")
     ap.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     ap.add_argument("--iters-b1", type=int, default=500)
     ap.add_argument("--iters-b64", type=int, default=100)
@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--n-items", type=int, default=1349, help="catalogue size of an untrained model")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     args = ap.parse_args()
+    paths = load_settings(args.params).paths
+    args.model_dir, args.prepared = args.model_dir or paths.sasrec, args.prepared or paths.prepared
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
