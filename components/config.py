@@ -218,19 +218,13 @@ class LlmSettings(_Section):
     lora: LoraSettings = LoraSettings()
     projector_hidden: int = Field(256, ge=1)
     head_dim: int = Field(256, ge=1, description="width of the score head's user and item projections")
-    rank: Literal["head", "likelihood"] = Field(
-        "head", description="head: score head at each candidate's marker; likelihood: title log-likelihood"
-    )
+    rank: Literal["head", "likelihood"] = Field("head", description="head: the score head, or likelihood")
     user_token: bool = Field(False, description="stage 2: a last [USER] token = projected SASRec user vector")
-    head_init: Literal["stage1", "recommender"] = Field(
-        "stage1", description="stage 2's head: stage 1's, or ridge maps onto SASRec's vectors (head_init.py)"
-    )
+    head_init: Literal["stage1", "recommender"] = Field("stage1", description="stage 2's head (head_init.py)")
     head_init_samples: int = Field(512, ge=8, description="prompts read for the recommender head init")
     head_layer: int = Field(-1, ge=-1, description="the head reads decoder layer k's output; -1: the last")
     prompt_titles: bool = Field(True, description="false: items with an ID are their [ITEM] alone (ablation)")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
-    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 where native")
     loss: LlmLossSettings = LlmLossSettings()
     history_len: int = Field(10, ge=1, le=200, description="history items in a prompt")
     train_candidates: int = Field(20, ge=2, description="candidates in a training prompt")
