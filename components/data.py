@@ -1,7 +1,9 @@
 """The merged current snapshot and weekly drops.
 
   merge        data/fetched (up to the cutoff in weekly mode) + the drops of data/manifest.jsonl, in
-               acceptance order -> data/raw/ (cleaned)
+               acceptance order -> data/raw/ (cleaned) and data/raw/item_index.parquet
+  item_index   item_id -> item_idx, never renumbered: the source catalogue's ids in file order, then
+               each accepted drop's new ids in acceptance order (its items file, then its interactions)
   replay_week  the next held-back week of the source -> data/incoming/week-YYYY-MM-DD.parquet
 
 Sources and the canonical tables are in components/sources.py.
@@ -23,6 +25,7 @@ from components.io import atomic_dir, atomic_file, write_json_atomic
 from components.manifest import MANIFEST, accepted_files
 
 log = logging.getLogger(__name__)
+INDEX_FILE = "item_index.parquet"  # in data/raw: the stable item index (item_index)
 
 _TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 _PLACEHOLDER_TITLES = {"unknown", "unkonwn", "n/a", "na", "none", "null", "?"}
@@ -120,11 +123,30 @@ def cutoff_seconds(settings: Settings) -> int:
     return int(dt.datetime.combine(settings.data.cutoff, dt.time(), tzinfo=dt.UTC).timestamp())
 
 
+def item_index(id_lists: list) -> pd.DataFrame:
+    """item_id (str) -> item_idx (int32, 1..N; 0 is padding) in order of first appearance over `id_lists`.
+
+    merge passes the source catalogue's ids, then each accepted drop's ids in acceptance order. Those
+    inputs only grow (the source is pinned, accepted drops are immutable and checked by sha256), so an
+    item keeps its index for ever and new items are appended: a stored model scores a newer snapshot by
+    a plain load, and an item it has no row for is cold by index. Ids excluded later (a bad catalogue
+    row) keep their index unused, so cleaning rules never renumber anything."""
+    order: dict[str, None] = {}
+    for ids in id_lists:
+        for item_id in ids:
+            if item_id is not None and not pd.isna(item_id):
+                order.setdefault(str(item_id), None)
+    return pd.DataFrame(
+        {"item_id": list(order), "item_idx": np.arange(1, len(order) + 1, dtype=np.int32)}
+    ).astype({"item_id": "string"})
+
+
 def merge_tables(
     settings: Settings, fetched: Path, accepted: Path, manifest: Path = MANIFEST
-) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Pure part of merge: snapshot (cut) + drops in acceptance order (the manifest), deduped on
-    (user, item, timestamp) keeping the first, catalogue cleaned."""
+    (user, item, timestamp) keeping the first, catalogue cleaned -> (interactions, items, the stable
+    item index over the source catalogue and every drop, report)."""
     inter = pd.read_parquet(fetched / "interactions.parquet")
     items = pd.read_parquet(fetched / "items.parquet")
     report: dict = {"source_rows": len(inter)}
@@ -132,6 +154,7 @@ def merge_tables(
         inter = inter[inter["timestamp"] < cutoff_seconds(settings)]
         report["cutoff"] = str(settings.data.cutoff)
     report["snapshot_rows"] = len(inter)
+    index_ids = [items["item_id"].tolist()]  # the whole source catalogue, cut or not
     frames, drop_items, drops = [inter], [], []
     for inter_path, items_path in accepted_files(manifest, accepted):
         drop = pd.read_parquet(inter_path)
@@ -139,6 +162,8 @@ def merge_tables(
         drops.append({"drop": inter_path.name, "rows": len(drop)})
         if items_path is not None:
             drop_items.append(pd.read_parquet(items_path))
+            index_ids.append(drop_items[-1]["item_id"].tolist())
+        index_ids.append(drop["item_id"].tolist())
     merged = pd.concat(frames, ignore_index=True)
     before = len(merged)
     merged = merged.drop_duplicates(["user_id", "item_id", "timestamp"], keep="first").reset_index(drop=True)
@@ -163,7 +188,9 @@ def merge_tables(
         "items_with_interactions": int(merged["item_id"].nunique()),
         "catalogue_items": len(items),
     }
-    return merged, items, report
+    index = item_index(index_ids)
+    report["index_items"] = len(index)
+    return merged, items, index, report
 
 
 def merge(
@@ -172,10 +199,11 @@ def merge(
     """dvc stage `merge`: write data/raw/ and the merge report atomically."""
     if not (fetched / "interactions.parquet").exists():
         raise SourceError(f"{fetched}/interactions.parquet: not found; run `rsllm fetch` first")
-    merged, items, report = merge_tables(settings, fetched, accepted, manifest)
+    merged, items, index, report = merge_tables(settings, fetched, accepted, manifest)
     with atomic_dir(out) as tmp:
         merged.to_parquet(tmp / "interactions.parquet", index=False)
         items.to_parquet(tmp / "items.parquet", index=False)
+        index.to_parquet(tmp / INDEX_FILE, index=False)
     write_json_atomic(report_path, report)
     return {k: report[k] for k in ("rows", "users", "items_with_interactions", "catalogue_items")} | {
         "catalogue_fixes": report["catalogue"]["counts"]

@@ -343,10 +343,11 @@ def score_model_dirs(
     name: str,
     out_path: Path,
     device: str = "auto",
+    extra: dict | None = None,
 ) -> dict:
-    """Score one stored model (e.g. production) on the current candidate sets; write its block."""
+    """Score one stored model (e.g. production) on the current candidate sets; write its block (+ extra)."""
     frame = score_llm(name, base_dir, stage_dir, prepared, settings, device)
-    block = summarise(frame, settings.seed)
+    block = summarise(frame, settings.seed) | (extra or {})
     with atomic_file(out_path, "w") as fh:
         fh.write(json.dumps({name: block}, indent=2, sort_keys=True) + "\n")
     return block

@@ -1,9 +1,12 @@
 """Evaluation protocol: k-core filter, chronological leave-one-out, fixed candidate sets.
 
-Input: data/raw/interactions.parquet (user_id, item_id, rating, timestamp) and data/raw/items.parquet.
+Input: data/raw/interactions.parquet (user_id, item_id, rating, timestamp), data/raw/items.parquet and
+data/raw/item_index.parquet (the stable item index merge writes: item_idx never changes between weeks).
 Output, data/prepared/ (every model is scored on these exact files):
 
-  items.parquet      item_idx (int32, 1..N; 0 is padding), item_id (str), title, year, genres
+  items.parquet      item_idx (int32, the stable index; 0 is padding), item_id (str), title, year,
+                     genres, trained (bool: the item survives the k-core filter, so models learn a row
+                     for it; other rows of a model's table stay untrained and are never recommended)
   users.parquet      user_idx (int32, 0..U-1), user_id (str)
   sequences.parquet  user_idx, items (list<int32>): the user's whole chronological sequence.
                      train = items[:-2], valid target = items[-2], test target = items[-1]
@@ -46,17 +49,18 @@ def chronological(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def sample_candidates(
-    target: int, seen: set[int], n_items: int, n: int, rng: np.random.Generator
+    target: int, seen: set[int], pool: np.ndarray, n: int, rng: np.random.Generator
 ) -> list[int]:
-    """The target plus n-1 distinct items in 1..n_items the user never interacted with, shuffled."""
-    if n_items - len(seen) < n - 1:
+    """The target plus n-1 distinct items of `pool` (the trained items) the user never interacted
+    with, shuffled."""
+    if len(pool) - len(seen) < n - 1:
         raise DataValidationError(
-            f"prepare: a user has seen {len(seen)} of {n_items} items; cannot sample {n - 1} negatives"
+            f"prepare: a user has seen {len(seen)} of {len(pool)} items; cannot sample {n - 1} negatives"
         )
     negatives: list[int] = []
     chosen: set[int] = set()
     while len(negatives) < n - 1:
-        for item in rng.integers(1, n_items + 1, size=2 * n).tolist():
+        for item in pool[rng.integers(0, len(pool), size=2 * n)].tolist():
             if item not in seen and item not in chosen:
                 chosen.add(item)
                 negatives.append(item)
@@ -68,9 +72,15 @@ def sample_candidates(
 
 
 def build_splits(
-    interactions: pd.DataFrame, items: pd.DataFrame, cfg: PrepareSettings, seed: int
+    interactions: pd.DataFrame,
+    items: pd.DataFrame,
+    cfg: PrepareSettings,
+    seed: int,
+    index: pd.DataFrame | None = None,
 ) -> dict[str, pd.DataFrame | dict]:
-    """Pure function: raw tables -> the prepared tables and their statistics."""
+    """Pure function: raw tables -> the prepared tables and their statistics.
+
+    index: the stable item index (item_id, item_idx) merge wrote; None numbers `items` in order."""
     df = kcore(interactions[["user_id", "item_id", "timestamp"]], cfg.kcore)
     user_len = df.groupby("user_id").size()
     df = df[df["user_id"].isin(user_len[user_len >= cfg.min_user_interactions].index)]
@@ -81,11 +91,25 @@ def build_splits(
         )
     df = chronological(df)
 
-    # Item ids in order of first appearance in the catalogue; 0 is padding.
-    kept = items[items["item_id"].isin(set(df["item_id"]))].reset_index(drop=True)
-    item_table = kept.assign(item_idx=np.arange(1, len(kept) + 1, dtype=np.int32))
-    item_table = item_table[["item_idx", "item_id", "title", "year", "genres"]]
-    to_idx = dict(zip(item_table["item_id"], item_table["item_idx"], strict=True))
+    # Every catalogue item at its stable index; `trained`: it has interactions after the filter.
+    if index is None:
+        from components.data import item_index
+
+        index = item_index([items["item_id"].tolist()])
+    to_idx = dict(zip(index["item_id"].astype(str), index["item_idx"].astype(int), strict=True))
+    missing = sorted(set(items["item_id"].astype(str)) - to_idx.keys())
+    if missing:
+        raise DataValidationError(
+            f"prepare: item_index.parquet lacks {len(missing)} catalogue item(s), e.g. {missing[:5]}; "
+            "run `rsllm merge` again"
+        )
+    item_table = items.assign(
+        item_idx=items["item_id"].astype(str).map(to_idx).astype("int32"),
+        trained=items["item_id"].isin(set(df["item_id"])),
+    )
+    item_table = item_table[["item_idx", "item_id", "title", "year", "genres", "trained"]]
+    item_table = item_table.sort_values("item_idx").reset_index(drop=True)
+    pool = item_table.loc[item_table["trained"], "item_idx"].to_numpy(np.int64)  # negatives come from here
 
     user_ids = sorted(df["user_id"].unique(), key=_natural_key)
     user_table = pd.DataFrame({"user_idx": np.arange(len(user_ids), dtype=np.int32), "user_id": user_ids})
@@ -93,7 +117,7 @@ def build_splits(
 
     seqs = df.groupby("user_id", sort=False)["item_id"].agg(list)
     rng = np.random.default_rng(seed)
-    n_items = len(item_table)
+    n_items = len(pool)
     sequences, valid, test = [], [], []
     for user_id in user_ids:
         seq = [to_idx[i] for i in seqs[user_id]]
@@ -102,7 +126,7 @@ def build_splits(
         sequences.append((u, seq))
         for rows, end in ((valid, len(seq) - 2), (test, len(seq) - 1)):
             history = seq[max(0, end - cfg.history_len) : end]
-            cands = sample_candidates(seq[end], seen, n_items, cfg.num_candidates, rng)
+            cands = sample_candidates(seq[end], seen, pool, cfg.num_candidates, rng)
             rows.append((u, history, seq[end], cands))
 
     def split_frame(rows: list) -> pd.DataFrame:
@@ -116,6 +140,7 @@ def build_splits(
     stats = {
         "users": int(len(user_table)),
         "items": int(n_items),
+        "index_size": int(item_table["item_idx"].max()),
         "interactions": int(len(df)),
         "sparsity": round(1.0 - len(df) / (len(user_table) * n_items), 6),
         "seq_len_mean": round(float(lengths.mean()), 3),
@@ -142,9 +167,13 @@ def _natural_key(value: str) -> tuple:
 
 def prepare(raw_dir: Path, out_dir: Path, metrics_path: Path, cfg: PrepareSettings, seed: int) -> dict:
     """Read data/raw, write data/prepared atomically and the statistics to metrics_path."""
+    from components.data import INDEX_FILE
+
     interactions = pd.read_parquet(raw_dir / "interactions.parquet")
     items = pd.read_parquet(raw_dir / "items.parquet")
-    out = build_splits(interactions, items, cfg, seed)
+    if not (raw_dir / INDEX_FILE).exists():
+        raise DataValidationError(f"{raw_dir / INDEX_FILE}: not found; run `rsllm merge` first")
+    out = build_splits(interactions, items, cfg, seed, pd.read_parquet(raw_dir / INDEX_FILE))
     with atomic_dir(out_dir) as tmp:
         for name in ("items", "users", "sequences", "valid", "test"):
             out[name].to_parquet(tmp / f"{name}.parquet", index=False)

@@ -50,8 +50,9 @@ console = Console(stderr=True)
 class Prepared:
     """The parts of data/prepared/ SASRec needs."""
 
-    n_items: int
-    item_ids: list[str]  # item_ids[i - 1] is the id of item_idx i
+    n_items: int  # the index size: items.parquet's largest item_idx (rows 1..n_items of the table)
+    item_ids: list[str]  # item_ids[i - 1] is the id of item_idx i ("" where the index has a gap)
+    trained: np.ndarray  # bool [n_items + 1]: the item has interactions (row 0, gaps: False)
     sequences: dict[int, np.ndarray]  # user_idx -> the whole chronological sequence (int64)
     valid: pd.DataFrame  # user_idx, history, target, candidates
     test: pd.DataFrame
@@ -71,9 +72,16 @@ def load_prepared(prepared_dir: Path) -> Prepared:
     """Read items, sequences, valid and test from data/prepared/ and check they agree."""
     prepared_dir = Path(prepared_dir)
     items = _read(prepared_dir / "items.parquet", ["item_idx", "item_id"]).sort_values("item_idx")
-    n_items = len(items)
-    if not np.array_equal(items["item_idx"].to_numpy(), np.arange(1, n_items + 1)):
-        raise ModelError(f"{prepared_dir / 'items.parquet'}: item_idx must be exactly 1..{n_items}")
+    idx = items["item_idx"].to_numpy(np.int64)
+    if len(idx) == 0 or idx[0] < 1 or (np.diff(idx) < 1).any():
+        raise ModelError(f"{prepared_dir / 'items.parquet'}: item_idx must be distinct and >= 1")
+    n_items = int(idx[-1])
+    item_ids = [""] * n_items
+    for i, item_id in zip(idx.tolist(), items["item_id"].astype(str).tolist(), strict=True):
+        item_ids[i - 1] = item_id
+    trained = np.zeros(n_items + 1, dtype=bool)
+    # a prepared folder from before the stable index has no `trained` column: all its items were trained
+    trained[idx[items["trained"].to_numpy(bool)] if "trained" in items else idx] = True
     seqs = _read(prepared_dir / "sequences.parquet", ["user_idx", "items"])
     sequences = {
         int(u): np.asarray(s, dtype=np.int64) for u, s in zip(seqs["user_idx"], seqs["items"], strict=True)
@@ -90,11 +98,22 @@ def load_prepared(prepared_dir: Path) -> Prepared:
                 )
         splits[name] = df.reset_index(drop=True)
     for seq in sequences.values():
-        if seq.size and (seq.min() < 1 or seq.max() > n_items):
-            raise ModelError(f"{prepared_dir / 'sequences.parquet'}: items: ids must be in 1..{n_items}")
-    return Prepared(
-        n_items, items["item_id"].astype(str).tolist(), sequences, splits["valid"], splits["test"]
-    )
+        if seq.size and (seq.min() < 1 or seq.max() > n_items or not trained[seq].all()):
+            raise ModelError(
+                f"{prepared_dir / 'sequences.parquet'}: items: ids must be trained items of items.parquet"
+            )
+    return Prepared(n_items, item_ids, trained, sequences, splits["valid"], splits["test"])
+
+
+def trained_ids(data: Prepared) -> dict[int, str]:
+    """item_idx -> item_id of the items with training data (the rows a model learns)."""
+    return {i: data.item_ids[i - 1] for i in np.flatnonzero(data.trained).tolist()}
+
+
+def untrained_rows(model_dir: Path, rows: int) -> list[int]:
+    """Rows 1..rows-1 of a SASRec folder's table that items.json does not list (no training data)."""
+    known = load_item_ids(model_dir)
+    return [i for i in range(1, rows) if i not in known]
 
 
 def pad_left(histories: list[np.ndarray] | list[list[int]], max_len: int) -> np.ndarray:
@@ -166,10 +185,12 @@ def evaluate_split(
     """
     model.eval()
     inputs, targets, seen, cands = split_inputs(data, split, model.cfg.max_len)
+    untrained = ~data.trained  # rows no training target reached: never ranked, in either protocol
     full_ranks, cand_ranks, unmasked_ranks = [], [], []
     for lo in range(0, len(targets), batch_size):
         hi = min(lo + batch_size, len(targets))
         scores = model.score_all(torch.from_numpy(inputs[lo:hi]).to(device)).float().cpu().numpy()  # [b, N+1]
+        scores[:, untrained] = -np.inf
         tgt = targets[lo:hi]
         if candidates:
             cand_scores = np.take_along_axis(scores, cands[lo:hi], axis=1)  # [b, C]
@@ -242,6 +263,7 @@ def fit(
     if not (y_all != 0).any():
         raise ModelError("sasrec: no training targets (every training sequence is shorter than 2 items)")
     model = SASRec(model_config(cfg, data.n_items)).to(device)
+    untrained = torch.from_numpy(~data.trained[1:]).to(device)  # [N]: classes no target reaches
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_bf16 = device.type == "cuda"
     curve: list[dict] = []
@@ -262,6 +284,7 @@ def fit(
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     h = model(x)[sel]  # [M, D]
                     logits = h @ model.item_emb.weight[1:].T  # [M, N]: padding is never a class
+                    logits = logits.masked_fill(untrained, float("-inf"))  # nor an item without data
                 loss = F.cross_entropy(logits.float(), y[sel] - 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -313,14 +336,15 @@ def fit(
     return model, curve, info
 
 
-def save_model(model: SASRec, item_ids: list[str], out_dir: Path, extra: dict | None = None) -> None:
-    """Write models/sasrec/ atomically: model.safetensors, config.json, items.json (item_idx -> item_id)."""
+def save_model(model: SASRec, item_ids: dict[int, str], out_dir: Path, extra: dict | None = None) -> None:
+    """Write models/sasrec/ atomically: model.safetensors, config.json, items.json (item_idx -> item_id
+    of the trained rows; any other row of the table is untrained and never recommended)."""
     with atomic_dir(Path(out_dir)) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": MODEL_FORMAT})
         cfg = {"format": MODEL_FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-        mapping = {str(i): item_id for i, item_id in enumerate(item_ids, start=1)}
+        mapping = {str(i): item_id for i, item_id in sorted(item_ids.items())}
         (tmp / "items.json").write_text(json.dumps(mapping, indent=1) + "\n")
 
 
@@ -360,7 +384,7 @@ def load_item_embeddings(model_dir: Path) -> torch.Tensor:
 
 
 def load_item_ids(model_dir: Path) -> dict[int, str]:
-    """items.json: item_idx -> item_id."""
+    """items.json: item_idx -> item_id of the trained rows."""
     path = Path(model_dir) / "items.json"
     if not path.exists():
         raise ModelError(f"{path}: not found")
@@ -385,7 +409,7 @@ def train_sasrec(
         for s, groups in metrics.items()
     }
     save_model(
-        model, data.item_ids, out_dir, {"training": {**info, "seed": seed, "settings": cfg.model_dump()}}
+        model, trained_ids(data), out_dir, {"training": {**info, "seed": seed, "settings": cfg.model_dump()}}
     )
     write_json_atomic(metrics_path, metrics)
     write_json_atomic(plots_path, curve)

@@ -18,7 +18,8 @@ def report_markdown(repo: Path, timings: list[dict], intake: dict) -> str:
     prod = json.loads(prod_path.read_text()).get("production") if prod_path.exists() else None
     gate = json.loads(o["gate"].read_text()) if o["gate"].exists() else {}
     rows = ["| model | HR@1 | HR@5 | NDCG@5 | ValidRatio | users |", "|---|---|---|---|---|---|"]
-    for name, m in [*metrics.items(), *([("production (re-scored)", prod)] if prod else [])]:
+    label = f"production (re-scored, {prod.get('item_index', 'remap')} load)" if prod else ""
+    for name, m in [*metrics.items(), *([(label, prod)] if prod else [])]:
         if isinstance(m, dict) and "hr@1" in m:
             rows.append(
                 f"| {name} | {m['hr@1']:.4f} | {m['hr@5']:.4f} | {m['ndcg@5']:.4f} | "

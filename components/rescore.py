@@ -1,10 +1,15 @@
 """Re-scoring the production bundle on the current candidate sets (the gate compares it with the
-candidate): its ID table is remapped onto today's item_idx space first (bundles are keyed by the
-item_idx of the week they were trained on)."""
+candidate).
+
+Item indexes are stable (components.data.item_index): a bundle made since then (its items.parquet has
+`trained`) scores today's data by a plain load, items newer than it being cold by index. A bundle from
+before (format v0, items renumbered every week), or one whose index disagrees with today's, is remapped
+onto today's item_idx first (remap_stage)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +18,8 @@ import pandas as pd
 
 from components.evaluate import score_model_dirs
 from components.paths import outputs
+
+log = logging.getLogger(__name__)
 
 
 def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.DataFrame, out: Path) -> Path:
@@ -27,28 +34,56 @@ def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.D
 
     shutil.copytree(stage_dir, out)
     table = load_file(str(stage_dir / "item_embeddings.safetensors"))["item_embeddings"]
+    cfg = json.loads((out / "config.json").read_text())
+    old_cold = set(cfg.get("cold_items", []))  # rows the stored model has no training data for
     old_idx = dict(zip(model_items["item_id"].astype(str), model_items["item_idx"], strict=True))
-    new = table.new_zeros((len(prepared_items) + 1, table.shape[1]))
-    cold = []
+    size = int(prepared_items["item_idx"].max())
+    new = table.new_zeros((size + 1, table.shape[1]))
+    cold, known = [], {}
     for idx, item_id in zip(prepared_items["item_idx"], prepared_items["item_id"].astype(str), strict=True):
         j = old_idx.get(item_id)
-        if j is None or j >= table.shape[0]:
+        if j is None or j >= table.shape[0] or int(j) in old_cold:
             cold.append(int(idx))
         else:
             new[int(idx)] = table[int(j)]
+            known[int(idx)] = item_id
+    cold += [i for i in range(1, size + 1) if i not in known and i not in cold]  # gaps in the index
     save_file({"item_embeddings": new.contiguous()}, str(out / "item_embeddings.safetensors"))
     if (out / "sasrec").is_dir():  # a `[USER]` model's user encoder reads prefixes in the same numbering
         weights = load_file(str(out / "sasrec" / "model.safetensors"))
         weights["item_emb.weight"] = new.to(weights["item_emb.weight"].dtype).contiguous()
         save_file(weights, str(out / "sasrec" / "model.safetensors"), metadata={"format": MODEL_FORMAT})
         sasrec_cfg = json.loads((out / "sasrec" / "config.json").read_text())
-        sasrec_cfg["model"]["n_items"] = len(prepared_items)
+        sasrec_cfg["model"]["n_items"] = size
         (out / "sasrec" / "config.json").write_text(json.dumps(sasrec_cfg, indent=2))
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["n_id_items"] = len(prepared_items)
-    cfg["cold_items"] = cold
+        mapping = {str(i): item_id for i, item_id in sorted(known.items())}
+        (out / "sasrec" / "items.json").write_text(json.dumps(mapping, indent=1) + "\n")
+    cfg["n_id_items"] = size
+    cfg["cold_items"] = sorted(cold)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def same_index(model_items: pd.DataFrame, prepared_items: pd.DataFrame) -> bool:
+    """True when the stored model's items are on today's stable index: it has `trained` (made since the
+    stable index) and every item it knows has the same item_idx today."""
+    if "trained" not in model_items:
+        return False
+
+    def mapping(items: pd.DataFrame) -> dict[str, int]:
+        return dict(zip(items["item_id"].astype(str), items["item_idx"].astype(int), strict=True))
+
+    now = mapping(prepared_items)
+    return all(now.get(item_id, idx) == idx for item_id, idx in mapping(model_items).items())
+
+
+def production_stage(stored: Path, prepared_items: pd.DataFrame, tmp: Path) -> tuple[Path, str]:
+    """The stored bundle's LLM stage, ready for today's candidate sets, and how it got there: "plain" (the
+    stored folder itself) or "remap" (a remapped copy under tmp: a v0 bundle, or a changed index)."""
+    model_items = pd.read_parquet(stored / "items.parquet")
+    if same_index(model_items, prepared_items):
+        return stored / "llm", "plain"
+    return remap_stage(stored / "llm", model_items, prepared_items, tmp / "stage"), "remap"
 
 
 def score_production(repo: Path) -> str | None:
@@ -67,11 +102,9 @@ def score_production(repo: Path) -> str | None:
     stored = Path(model.path)
     prepared = outputs(repo)["prepared"]
     with tempfile.TemporaryDirectory() as tmp:
-        stage = remap_stage(
-            stored / "llm",
-            pd.read_parquet(stored / "items.parquet"),
-            pd.read_parquet(prepared / "items.parquet"),
-            Path(tmp) / "stage",
+        stage, how = production_stage(stored, pd.read_parquet(prepared / "items.parquet"), Path(tmp))
+        log.info("production %s: scored on today's item index (%s)", pointer["model_tag"], how)
+        score_model_dirs(
+            settings, prepared, Path(base.path), stage, "production", out, extra={"item_index": how}
         )
-        score_model_dirs(settings, prepared, Path(base.path), stage, "production", out)
     return str(out)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.llm.model import Projector, ScoreHead
-from components.llm.samples import training_samples, user_vectors
+from components.llm.samples import trained_pool, training_samples, user_vectors
 
 
 class Control(nn.Module):
@@ -43,10 +43,16 @@ def train_control(settings, prepared: Path, sasrec_dir: Path, hidden: int = 576)
     llm_s, seed = settings.llm, settings.seed
     sequences = pd.read_parquet(Path(prepared) / "sequences.parquet")
     table = load_item_embeddings(sasrec_dir).float()  # [N + 1, D]
-    samples = []
+    samples, pool = [], trained_pool(prepared)
     for stage, st in ((1, llm_s.stage1), (2, llm_s.stage2)):
         samples += training_samples(
-            sequences, table.shape[0] - 1, llm_s.history_len, llm_s.train_candidates, st.samples, seed, stage
+            sequences,
+            pool,
+            llm_s.history_len,
+            llm_s.train_candidates,
+            st.samples,
+            seed,
+            stage,
         )
     vecs = user_vectors(sasrec_dir, [list(s.prefix) for s in samples])  # [S, D]
     cands = torch.tensor([s.candidates for s in samples])  # [S, C]

@@ -19,18 +19,23 @@ from components.llm.prompts import PromptBuilder
 
 
 class UserEncoder:
-    """SASRec's user vector after a prefix of item indexes (the copy a `[USER]` model carries)."""
+    """SASRec's user vector after a prefix of item indexes (the copy a `[USER]` model carries).
+
+    Items it has no trained row for (newer than the model, or without data when it was trained) are
+    left out of the prefix, as the service's retrieval leaves out cold history items."""
 
     def __init__(self, sasrec_dir: Path):
-        from components.recommender import load_sasrec
+        from components.recommender import load_item_ids, load_sasrec
 
         self.model, self.cfg = load_sasrec(sasrec_dir)
+        self.known = frozenset(load_item_ids(sasrec_dir))
 
     @torch.inference_mode()
     def __call__(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:  # -> [B, D]
         from components.recommender import pad_left
 
-        return self.model.user_vector(torch.from_numpy(pad_left(list(prefixes), self.cfg.max_len))).float()
+        kept = [[i for i in p if int(i) in self.known] for p in prefixes]
+        return self.model.user_vector(torch.from_numpy(pad_left(kept, self.cfg.max_len))).float()
 
 
 LEGACY = {"prompt_format": 1, "rank": "likelihood", "user_token": False, "prompt_titles": True}

@@ -2,7 +2,7 @@
 
 Every position t >= 1 of every training sequence (items[:-2]; the last two are valid and test) is a
 sample: history = up to `history_len` previous items, target = items[t], candidates = the target +
-seeded negatives the user never interacted with (shuffled).
+seeded negatives the user never interacted with, drawn from the trained items (shuffled).
 """
 
 from __future__ import annotations
@@ -39,9 +39,20 @@ def read_titles(prepared: Path) -> list[str]:
     return titles
 
 
+def trained_pool(prepared: Path) -> np.ndarray:
+    """item_idx of the items with training data (data/prepared/items.parquet `trained`): the negatives'
+    pool. A prepared folder from before the stable index lacks the column: every item was trained."""
+    path = Path(prepared) / "items.parquet"
+    if not path.exists():
+        raise ModelError(f"{path}: not found; run `rsllm prepare` first")
+    items = pd.read_parquet(path)
+    keep = items["trained"].to_numpy(bool) if "trained" in items else np.ones(len(items), bool)
+    return np.sort(items.loc[keep, "item_idx"].to_numpy(np.int64))
+
+
 def training_samples(
     sequences: pd.DataFrame,
-    n_items: int,
+    pool: np.ndarray,
     history_len: int,
     num_candidates: int,
     max_samples: int,
@@ -68,7 +79,7 @@ def training_samples(
         k, t = pairs[j]
         user, train = trains[k]
         rng = np.random.default_rng([seed, stream, user, t])
-        cands = sample_candidates(train[t], set(train), n_items, num_candidates, rng)
+        cands = sample_candidates(train[t], set(train), pool, num_candidates, rng)
         samples.append(
             Sample(
                 user, train[max(0, t - history_len) : t], train[t], [int(c) for c in cands], tuple(train[:t])

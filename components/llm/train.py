@@ -44,7 +44,7 @@ from components.llm.model import (
 )
 from components.llm.optim import lr_at, param_groups
 from components.llm.prompts import PromptBuilder
-from components.llm.samples import collate, read_titles, training_samples, user_vectors
+from components.llm.samples import collate, read_titles, trained_pool, training_samples, user_vectors
 
 PROMPT_FORMAT = 3  # components.llm.prompts: a marker after every candidate, canonical order, `[USER]` last
 
@@ -81,9 +81,11 @@ def build_model(
     seed: int,
     dtype: torch.dtype,
     user_vecs: torch.Tensor | None = None,
+    pool: np.ndarray | None = None,
 ):
     """Stage 1: base + fresh LoRA + fresh score head.  Stage 2: base + stage 1's LoRA and head (trainable)
-    + fresh projector (+ a fresh user projector with `llm.user_token`, calibrated on `user_vecs`)."""
+    + fresh projector, calibrated on the table's rows in `pool` (the trained items; None: every row)
+    (+ a fresh user projector with `llm.user_token`, calibrated on `user_vecs`)."""
     base, tok = load_base(base_dir, dtype=dtype)
     lora = llm_settings.lora
     hidden = base.config.hidden_size
@@ -99,7 +101,8 @@ def build_model(
     head.layer = llm_settings.head_layer
     tokens = base.get_input_embeddings().weight
     projector = Projector(item_table.shape[1], hidden, llm_settings.projector_hidden)
-    calibrate_projector(projector, item_table, tokens)
+    rows = item_table if pool is None else item_table[torch.from_numpy(np.concatenate([[0], pool]))]
+    calibrate_projector(projector, rows, tokens)
     user_projector = None
     if llm_settings.user_token:
         if user_vecs is None:
@@ -159,8 +162,9 @@ def train_stage(
     table = load_item_table(item_table) if stage == 2 else None
     titles = read_titles(prepared)
     sequences = pd.read_parquet(Path(prepared) / "sequences.parquet")
+    pool = trained_pool(prepared)
     samples = training_samples(
-        sequences, len(titles) - 1, llm_s.history_len, llm_s.train_candidates, st.samples, seed, stream=stage
+        sequences, pool, llm_s.history_len, llm_s.train_candidates, st.samples, seed, stream=stage
     )
     sasrec_dir = (
         Path(item_table) if isinstance(item_table, str | Path) and Path(item_table).is_dir() else None
@@ -173,13 +177,22 @@ def train_stage(
             )
         user_vecs = user_vectors(sasrec_dir, [list(s.prefix) for s in samples])
     model, tok = build_model(
-        stage, llm_s, base_dir, stage1_dir, table, seed, torch.bfloat16 if cuda else torch.float32, user_vecs
+        stage,
+        llm_s,
+        base_dir,
+        stage1_dir,
+        table,
+        seed,
+        torch.bfloat16 if cuda else torch.float32,
+        user_vecs,
+        pool,
     )
     builder = PromptBuilder(
         tok,
         titles,
         unified=stage == 2,
         n_id_items=0 if table is None else table.shape[0] - 1,
+        cold_items=[] if table is None else sorted(set(range(1, table.shape[0])) - set(pool.tolist())),
         max_prompt_tokens=st.max_prompt_tokens,
         marked=True,
         user_token=stage == 2 and llm_s.user_token,
@@ -361,6 +374,7 @@ def write_outputs(
             "history_len": llm_s.history_len,
             "max_prompt_tokens": builder.max_prompt_tokens,
             "n_id_items": builder.n_id_items,
+            "cold_items": sorted(builder.cold_items),  # table rows without training data: title only
             "seed": settings.seed,
             "llm": llm_s.model_dump(mode="json"),
             "train": summary,

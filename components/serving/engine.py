@@ -1,7 +1,8 @@
 """What the service computes, without BentoML: load one stored model folder, retrieve, rerank.
 
-Index space: 1..N are the model's items (item_idx of items.parquet, rows of the ONNX item table and of the
-LLM's ID-embedding table); N+1..N+C are catalogue items the model has never seen (cold: title only).
+Index space: 1..N is the stable item index of the model's items.parquet (rows of the ONNX item table and
+of the LLM's ID-embedding table); rows without training data are cold, and so are catalogue items after
+N the model has never seen (cold: title only, never retrieved).
 
 - retrieval: ONNX encoder -> user vector; scores = user_vector @ item_table.T over items 1..N with the
   history masked out. A history with no item known to the encoder falls back to popularity (how often
@@ -36,13 +37,18 @@ def shorten(value: object, limit: int = ECHO_CHARS) -> str:
 
 @dataclass
 class Catalogue:
-    """Every servable item: ids[i], titles[i] for index i (0 = padding); `n_known` encoder items first."""
+    """Every servable item: ids[i], titles[i] for index i (0 = padding, "" = a gap in the index).
+
+    Indexes 1..rows-1 are the stable item index of the model's items.parquet (rows of its ONNX and LLM
+    tables); `known[i]`: the model has a trained row for item i. Catalogue items outside its index follow
+    (cold: title only). A bundle from before the stable index (format v0) has items 1..N, all trained."""
 
     ids: list[str]
     titles: list[str]
     years: list[int | None]
     genres: list[str]
-    n_known: int
+    known: np.ndarray  # bool [len(ids)]
+    rows: int  # rows of the model's item tables (largest item_idx + 1)
     index: dict[str, int]
 
     @classmethod
@@ -50,29 +56,49 @@ class Catalogue:
         items_path = model_dir / "items.parquet"
         if not items_path.exists():
             raise ModelError(f"{items_path}: not found (the stored model lacks its item mapping)")
-        items = pd.read_parquet(items_path).sort_values("item_idx")
-        n = len(items)
-        if not np.array_equal(items["item_idx"].to_numpy(), np.arange(1, n + 1)):
-            raise ModelError(f"{items_path}: item_idx must be exactly 1..{n}")
-        frames = [items.drop(columns=["item_idx"])]
+        items = pd.read_parquet(items_path).sort_values("item_idx").reset_index(drop=True)
+        idx = items["item_idx"].to_numpy(np.int64)
+        if len(idx) == 0 or idx[0] < 1 or (np.diff(idx) < 1).any():
+            raise ModelError(f"{items_path}: item_idx must be distinct and >= 1")
+        rows = int(idx[-1]) + 1
+        trained = items["trained"].to_numpy(bool) if "trained" in items else np.ones(len(items), bool)
+        table = pd.DataFrame(index=range(rows), columns=["item_id", "title", "year", "genres"], dtype=object)
+        table.loc[idx, ["item_id", "title", "year", "genres"]] = items.reindex(
+            columns=["item_id", "title", "year", "genres"]
+        ).to_numpy(object)
+        frames = [table.iloc[1:]]
         cat_path = model_dir / "catalogue.parquet"
         if cat_path.exists():
             cat = pd.read_parquet(cat_path)
             cat = cat[~cat["item_id"].astype(str).isin(set(items["item_id"].astype(str)))]
             frames.append(cat.sort_values("item_id", key=lambda s: s.astype(str)))
         allrows = pd.concat(frames, ignore_index=True)
-        ids = [""] + allrows["item_id"].astype(str).tolist()
-        titles = [""] + allrows["title"].astype(str).str.strip().tolist()
+        text = lambda v: "" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)  # noqa: E731
+        ids = [""] + [text(v) for v in allrows["item_id"]]
+        titles = [""] + [text(v).strip() for v in allrows["title"]]
         years = [None] + [
-            None if pd.isna(y) else _int_or_none(y) for y in allrows.get("year", [None] * len(allrows))
+            None if y is None or pd.isna(y) else _int_or_none(y)
+            for y in allrows.get("year", [None] * len(allrows))
         ]
         genres = [""] + [
             str(g) if isinstance(g, str) else "" for g in allrows.get("genres", [""] * len(allrows))
         ]
-        return cls(ids, titles, years, genres, n, {item_id: i for i, item_id in enumerate(ids) if i})
+        known = np.zeros(len(ids), dtype=bool)
+        known[idx[trained]] = True
+        return cls(
+            ids, titles, years, genres, known, rows, {item_id: i for i, item_id in enumerate(ids) if item_id}
+        )
+
+    @property
+    def n_known(self) -> int:
+        """Items the model has a trained row for."""
+        return int(self.known.sum())
+
+    def is_known(self, idx: int) -> bool:
+        return 0 < idx < len(self.known) and bool(self.known[idx])
 
     def __len__(self) -> int:
-        return len(self.ids) - 1
+        return len(self.index)
 
     def lookup(self, field: str, item_ids: list[str]) -> list[int]:
         """Indexes of `item_ids`; RequestError naming the field and every id not in the catalogue."""
@@ -88,13 +114,13 @@ class Catalogue:
             "title": self.titles[idx],
             "year": self.years[idx],
             "genres": self.genres[idx],
-            "known_to_encoder": idx <= self.n_known,
+            "known_to_encoder": self.is_known(idx),
         }
 
     def search(self, query: str, limit: int, popularity: np.ndarray) -> list[int]:
         """Items whose title contains `query` (case-insensitive), most popular first, then by title."""
         q = query.casefold().strip()
-        hits = [i for i in range(1, len(self.ids)) if q in self.titles[i].casefold()]
+        hits = [i for i in range(1, len(self.ids)) if self.ids[i] and q in self.titles[i].casefold()]
         pop = lambda i: float(popularity[i]) if i < len(popularity) else 0.0  # noqa: E731
         hits.sort(key=lambda i: (-pop(i), self.titles[i].casefold(), i))
         return hits[:limit]
@@ -110,7 +136,7 @@ def _int_or_none(value) -> int | None:
 class Encoder:
     """The ONNX ID encoder and its item table, read once; top-k over the whole table in numpy."""
 
-    def __init__(self, onnx_dir: Path, n_items: int, threads: int = 1):
+    def __init__(self, onnx_dir: Path, rows: int, threads: int = 1):
         from components.export import INPUT, make_session, onnx_providers
 
         meta_path = onnx_dir / "meta.json"
@@ -122,9 +148,9 @@ class Encoder:
         self.session = make_session(onnx_dir / "encoder.onnx", threads, onnx_providers())
         self.providers = self.session.get_providers()
         _, table = self.session.run(["user_vector", "item_embeddings"], {INPUT: np.ones((1, 1), np.int64)})
-        if table.shape[0] != n_items + 1:
+        if table.shape[0] != rows:
             raise ModelError(
-                f"{onnx_dir}: item table has {table.shape[0] - 1} items, items.parquet {n_items}"
+                f"{onnx_dir}: item table has {table.shape[0] - 1} items, items.parquet's index {rows - 1}"
             )
         self.table_t = np.ascontiguousarray(table.T, dtype=np.float32)  # [D, N+1]
 
@@ -179,20 +205,22 @@ class Reranker:
 
         self.model, self.tok, self.cfg = load_ranker(base_dir, stage_dir, device, dtype)
         self.dtype = self.cfg["dtype"]
-        if self.cfg["n_id_items"] > catalogue.n_known:
+        if self.cfg["n_id_items"] > catalogue.rows - 1:
             raise ModelError(
-                f"{stage_dir}: LLM has {self.cfg['n_id_items']} ID items, items.parquet {catalogue.n_known}"
+                f"{stage_dir}: LLM has {self.cfg['n_id_items']} ID items, "
+                f"items.parquet's index {catalogue.rows - 1}"
             )
         self.history_len = int(self.cfg["history_len"] or 10)
         self.mode = self.cfg["mode"]
         self.rank_mode = self.cfg["rank"]
-        self.n_known = catalogue.n_known
+        self.catalogue = catalogue
         self.device = str(self.model.item_table.device)
         self.builder = make_builder(self.tok, catalogue.titles, self.cfg)
 
     def job(self, history: list[int], candidates: list[int]) -> tuple:
         """One request's inputs: (prompt history, candidates, SASRec prefix = the known history items)."""
-        return history[-self.history_len :], list(candidates), [i for i in history if i <= self.n_known]
+        known = [i for i in history if self.catalogue.is_known(i)]
+        return history[-self.history_len :], list(candidates), known
 
     def tokens(self, job: tuple) -> int:
         """Tokens one request puts through the LLM: its prompt (+ every answer when ranking by likelihood)."""
@@ -228,7 +256,7 @@ class Engine:
         t0 = time.perf_counter()
         self.info = info
         self.catalogue = Catalogue.load(model_dir)
-        self.encoder = Encoder(model_dir / ONNX_DIR, self.catalogue.n_known, onnx_threads)
+        self.encoder = Encoder(model_dir / ONNX_DIR, self.catalogue.rows, onnx_threads)
         self.reranker = Reranker(base_dir, model_dir / LLM_DIR, self.catalogue, device, dtype)
         self.popularity = popularity(model_dir / "sample_users.parquet", len(self.catalogue.ids))
         self.sample_users = _read_sample_users(model_dir / "sample_users.parquet")
@@ -239,19 +267,23 @@ class Engine:
     def parse_history(self, history: list[str]) -> tuple[list[int], list[str]]:
         """Indexes of the history (4xx naming unknown ids) and the ids the encoder does not know."""
         idx = self.catalogue.lookup("history", history)
-        cold = [self.catalogue.ids[i] for i in dict.fromkeys(i for i in idx if i > self.catalogue.n_known)]
+        cold = [
+            self.catalogue.ids[i] for i in dict.fromkeys(i for i in idx if not self.catalogue.is_known(i))
+        ]
         return idx, cold
 
     def retrieve(self, idx: list[int], n: int) -> tuple[list[int], list[float], str]:
         """The top n items (indexes, scores) by the encoder, or by popularity for an all-cold history."""
-        known = [i for i in idx if i <= self.catalogue.n_known]
+        known = [i for i in idx if self.catalogue.is_known(i)]
         exclude = set(idx)
         if known:
             scores = self.encoder.scores(known)
             how = "encoder"
         else:
-            scores = self.popularity[: self.catalogue.n_known + 1]
+            scores = self.popularity[: self.catalogue.rows]
             how = "popularity"
+        # only items with a trained row are retrieved (others are cold: a request may still name them)
+        scores = np.where(self.catalogue.known[: self.catalogue.rows], scores, -np.inf)
         top = top_k(scores, exclude, n)
         return top, [float(scores[i]) for i in top], how
 

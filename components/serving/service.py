@@ -147,7 +147,8 @@ class RsllmService:
 
     def _warm_up(self) -> None:
         """One retrieval and one rerank before the service reports ready (first calls are slow)."""
-        first = self.engine.catalogue.ids[1]
+        c = self.engine.catalogue
+        first = c.ids[next(i for i in range(1, len(c.ids)) if c.is_known(i))]
         idx, _ = self.engine.parse_history([first])
         top, _, _ = self.engine.retrieve(idx, 20)
         self.queue.run_now([self.engine.reranker.job(idx, top or idx)])
@@ -278,8 +279,8 @@ class RsllmService:
         return [
             SampleUser(
                 user_idx=int(r.user_idx),
-                history=[Item(**c.item(int(i))) for i in r.history if 0 < int(i) <= c.n_known],
-                target=Item(**c.item(int(r.target))) if 0 < int(r.target) <= c.n_known else None,
+                history=[Item(**c.item(int(i))) for i in r.history if c.is_known(int(i))],
+                target=Item(**c.item(int(r.target))) if c.is_known(int(r.target)) else None,
             )
             for r in rows.itertuples()
         ]

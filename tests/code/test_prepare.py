@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from components.config import PrepareSettings
+from components.data import item_index
 from components.errors import DataValidationError
 from components.prepare import build_splits, kcore, prepare
 from tests.helpers import tree_digest
@@ -74,7 +75,7 @@ def test_candidates_are_target_plus_unseen_negatives():
             cands = list(r.candidates)
             assert len(cands) == 20 and len(set(cands)) == 20 and r.target in cands
             seen = set(seqs[r.user_idx])
-            assert set(cands) - {r.target} <= set(range(1, len(out["items"]) + 1)) - seen
+            assert set(cands) - {r.target} <= set(out["items"]["item_idx"]) - seen
     # the target is not always in the same slot (candidates are shuffled)
     slots = {list(r.candidates).index(r.target) for r in out["test"].itertuples()}
     assert len(slots) > 5
@@ -108,3 +109,44 @@ def test_stats_describe_the_prepared_data(base_project):
     assert stats["users"] == len(seq)
     assert stats["interactions"] == int(seq["items"].map(len).sum())
     assert 0 < stats["sparsity"] < 1
+
+
+def test_the_item_index_never_renumbers_and_appends_new_items():
+    week1 = item_index([["10", "11", "12"], ["13", "11"]])
+    week2 = item_index([["10", "11", "12"], ["13", "11"], [None, "14", "10", "14"]])
+    assert week1.set_index("item_id")["item_idx"].to_dict() == {"10": 1, "11": 2, "12": 3, "13": 4}
+    assert week2.set_index("item_id")["item_idx"].to_dict() == {"10": 1, "11": 2, "12": 3, "13": 4, "14": 5}
+
+
+def test_prepare_keeps_the_stable_index_and_draws_negatives_from_trained_items():
+    """Items the k-core filter drops keep their index but are marked untrained and never sampled."""
+    rng = np.random.default_rng(2)
+    rows = [
+        (f"u{u}", str(i), int(t))
+        for u in range(40)
+        for t, i in enumerate(rng.choice(np.arange(1, 41), size=15, replace=False))
+    ]
+    rows += [("u0", "41", 100)]  # one interaction: dropped by the 2-core filter
+    index = item_index([[str(i) for i in range(60, 0, -1)]])  # ids in reverse: idx != id
+    out = build_splits(frame(rows), catalogue(60), PrepareSettings(kcore=2), seed=0, index=index)
+    items = out["items"].set_index("item_id")
+    assert items["item_idx"].to_dict() == index.set_index("item_id")["item_idx"].to_dict()
+    trained = set(items.loc[items["trained"], "item_idx"])
+    assert trained == {61 - i for i in range(1, 41)}  # ids 41..60: no (kept) interactions
+    assert out["stats"]["items"] == 40 and out["stats"]["index_size"] == 60
+    for split in ("valid", "test"):
+        for r in out[split].itertuples():
+            assert set(r.candidates) <= trained
+    assert set(np.concatenate(out["sequences"]["items"].to_numpy())) <= trained
+
+
+def test_prepare_names_a_catalogue_item_the_index_lacks():
+    rows = [(f"u{u}", str(i), i) for u in range(3) for i in range(1, 31)]
+    with pytest.raises(DataValidationError, match="item_index.parquet lacks 1 catalogue item"):
+        build_splits(
+            frame(rows),
+            catalogue(30),
+            PrepareSettings(kcore=1),
+            seed=0,
+            index=item_index([["1"]] + [[str(i) for i in range(1, 30)]]),
+        )

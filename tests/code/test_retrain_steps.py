@@ -39,7 +39,7 @@ def test_a_user_token_models_sasrec_copy_is_remapped_with_it(tmp_path):
     torch.manual_seed(0)
     sasrec = SASRec(SASRecConfig(n_items=3, max_len=4, hidden=8, layers=1, heads=1, inner=16))
     stage = tmp_path / "stage"
-    save_model(sasrec, ["a", "b", "c"], stage / "sasrec")
+    save_model(sasrec, {1: "a", 2: "b", 3: "c"}, stage / "sasrec")
     save_file(
         {"item_embeddings": sasrec.item_emb.weight.detach().clone()},
         str(stage / "item_embeddings.safetensors"),
@@ -57,3 +57,47 @@ def test_a_user_token_models_sasrec_copy_is_remapped_with_it(tmp_path):
         u_old = before.user_vector(torch.tensor([[0, 1, 2, 3]]))
         u_new = after.user_vector(torch.tensor([[0, 3, 4, 1]]))
     torch.testing.assert_close(u_old, u_new)
+
+
+def _stored(tmp_path, items: pd.DataFrame, cold: list[int]):
+    stored = tmp_path / "bundle"
+    (stored / "llm").mkdir(parents=True)
+    table = torch.arange(5 * 2, dtype=torch.float32).reshape(5, 2)  # rows: padding + items 1..4
+    save_file({"item_embeddings": table}, str(stored / "llm" / "item_embeddings.safetensors"))
+    cfg = {"mode": "unified", "n_id_items": 4, "cold_items": cold}
+    (stored / "llm" / "config.json").write_text(json.dumps(cfg))
+    items.to_parquet(stored / "items.parquet")
+    return stored, table
+
+
+def test_a_bundle_on_the_stable_index_scores_a_newer_snapshot_without_remapping(tmp_path):
+    from components.rescore import production_stage
+
+    then = pd.DataFrame(
+        {"item_idx": [1, 2, 3, 4], "item_id": ["a", "b", "c", "d"], "trained": [True, True, False, True]}
+    )
+    stored, _ = _stored(tmp_path, then, cold=[3])
+    now = pd.DataFrame(  # a week later: c has data now, e is new (appended), d left the catalogue
+        {"item_idx": [1, 2, 3, 5], "item_id": ["a", "b", "c", "e"], "trained": [True, True, True, True]}
+    )
+    stage, how = production_stage(stored, now, tmp_path / "tmp")
+    assert how == "plain" and stage == stored / "llm"
+    assert not (tmp_path / "tmp").exists()
+
+
+def test_a_v0_bundle_or_a_changed_index_is_remapped_and_keeps_its_cold_rows_cold(tmp_path):
+    from components.rescore import production_stage
+
+    v0 = pd.DataFrame({"item_idx": [1, 2, 3, 4], "item_id": ["a", "b", "c", "d"]})  # before the index
+    stored, _ = _stored(tmp_path, v0, cold=[])
+    now = pd.DataFrame({"item_idx": [1, 2, 3, 4], "item_id": ["a", "b", "c", "d"], "trained": [True] * 4})
+    assert production_stage(stored, now, tmp_path / "t0")[1] == "remap"  # no `trained`: format v0
+
+    then = v0.assign(trained=[True, True, False, True])
+    stored, table = _stored(tmp_path / "x", then, cold=[3])
+    moved = pd.DataFrame({"item_idx": [1, 2, 3, 4], "item_id": ["b", "a", "c", "d"], "trained": [True] * 4})
+    stage, how = production_stage(stored, moved, tmp_path / "t1")
+    assert how == "remap"
+    remapped = load_file(str(stage / "item_embeddings.safetensors"))["item_embeddings"]
+    assert torch.equal(remapped[1], table[2]) and torch.equal(remapped[2], table[1])
+    assert json.loads((stage / "config.json").read_text())["cold_items"] == [3]  # untrained then: cold now

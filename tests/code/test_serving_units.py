@@ -382,6 +382,28 @@ def test_catalogue_puts_cold_items_after_the_encoders(tmp_path):
     assert c.search("TOY SOL", 5, pop) == [3]
 
 
+def test_catalogue_on_the_stable_index_knows_only_trained_rows(tmp_path):
+    """Index 2 is a gap (an excluded catalogue row), index 3 has no training data: both are no item the
+    encoder knows, the gap is no item at all."""
+    pd.DataFrame(
+        {
+            "item_idx": [1, 3, 4],
+            "item_id": ["a", "c", "d"],
+            "title": ["Heat", "Casino", "Fargo"],
+            "year": [1995, 1995, 1996],
+            "genres": ["Action", "Crime", "Crime"],
+            "trained": [True, False, True],
+        }
+    ).to_parquet(tmp_path / "items.parquet")
+    c = Catalogue.load(tmp_path)
+    assert c.ids == ["", "a", "", "c", "d"] and c.rows == 5 and len(c) == 3 and c.n_known == 2
+    assert [c.is_known(i) for i in range(6)] == [False, True, False, False, True, False]
+    assert c.index == {"a": 1, "c": 3, "d": 4} and c.item(3)["known_to_encoder"] is False
+    assert c.search("a", 10, np.zeros(5)) == [3, 4, 1]  # by title; the gap is never a hit
+    with pytest.raises(RequestError):
+        c.lookup("history", [""])
+
+
 def test_dtype_choice():
     assert llm_dtype("auto", "cuda:0") == "bfloat16"
     assert llm_dtype("float32", "cuda:0") == "float32"

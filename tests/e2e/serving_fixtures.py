@@ -4,7 +4,9 @@ SASRec (components.recommender) on the synthetic walk data of tests/model/sasrec
 is always the last + 1, so the encoder's top item is predictable), its ONNX export, a tiny random Llama
 as the base, both LLM stages for a few steps, the projected table, then registry.save_base /
 save_candidate / promote into the BENTOML_HOME of the calling process. Three catalogue items are unknown
-to the encoder (cold start). Used by tests/e2e/test_service.py and `bench/serve_load.py --tiny`.
+to the encoder (cold start), and one more (UNTRAINED) is in its index without any interaction: it has a
+row in every table but no training data, so it is cold too and never retrieved. Used by
+tests/e2e/test_service.py and `bench/serve_load.py --tiny`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 COLD = {"901": "Cold Open", "902": "Frozen Planet", "903": "Unseen Harbour"}  # numeric ids: ints accepted
+UNTRAINED = "i41"  # item_idx 41 of the stable index: no interactions
 
 
 def build_promoted(root: Path) -> dict:
@@ -28,11 +31,11 @@ def build_promoted(root: Path) -> dict:
     from tests.model.sasrec_fixtures import small_settings, write_prepared
 
     root = Path(root)
-    prepared = write_prepared(root / "prepared")
+    prepared = write_prepared(root / "prepared", untrained=1)
     items = pd.read_parquet(prepared / "items.parquet")
     catalogue = pd.concat(
         [
-            items.drop(columns=["item_idx"]),
+            items.drop(columns=["item_idx", "trained"]),
             pd.DataFrame(
                 {"item_id": list(COLD), "title": list(COLD.values()), "year": 2001, "genres": "Drama"}
             ),

@@ -224,5 +224,8 @@ def test_worker_killed_mid_training_resumes(deployment):
     assert state["type"] == "COMPLETED", state
     pointer = registry.read_production(clone)
     assert pointer["data_version"] == "data/v2"
+    # production (trained on data/v1) scored the replayed week on the stable item index: no remapping
+    production = json.loads((clone / "metrics/production.json").read_text())["production"]
+    assert production["item_index"] == "plain", production
     assert "stage 1: resumed from" in deployment.logs(again)  # the stage's own output, in the run's log
     assert not list((clone / "models").rglob(".*.tmp-*"))  # no half-written model anywhere

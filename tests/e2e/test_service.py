@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.e2e.serving_fixtures import COLD, build_promoted, free_port, start_server, stop_server
+from tests.e2e.serving_fixtures import COLD, UNTRAINED, build_promoted, free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,6 +160,11 @@ def test_cold_start(client):
     # a cold candidate can be scored (title only)
     r = _post(client, "/score", {"history": ["i3"], "candidates": [cold_id, "i4"]})
     assert r.status_code == 200 and {it["title"] for it in r.json()["items"]} == {cold_title, "Movie 4"}
+    # an item of the index without training data is cold as well, and never retrieved
+    r = _post(client, "/recommend", {"history": [UNTRAINED], "k": 5, "rerank": False})
+    assert r.json()["retrieval"] == "popularity" and r.json()["cold_items"] == [UNTRAINED]
+    r = _post(client, "/recommend", {"history": ["i40"], "k": 20, "rerank": False})
+    assert r.status_code == 200 and UNTRAINED not in {it["item_id"] for it in r.json()["items"]}
 
 
 def test_cold_items_are_rendered_by_title_alone(promoted):
@@ -172,9 +177,13 @@ def test_cold_items_are_rendered_by_title_alone(promoted):
     engine = Engine(
         Path(model.path), Path(registry.get_model(promoted["base_tag"]).path), {}, dtype="float32"
     )
-    idx, cold = engine.parse_history(["i3", "901", "i4"])
-    assert cold == ["901"]
-    hist, cands, _ = engine.reranker.job(idx, [engine.catalogue.index["902"], engine.catalogue.index["i9"]])
+    idx, cold = engine.parse_history(["i3", "901", "i4", UNTRAINED])
+    assert cold == ["901", UNTRAINED]
+    assert engine.reranker.cfg["cold_items"] == [41]  # stage 2 wrote its untrained rows
+    hist, cands, prefix = engine.reranker.job(
+        idx, [engine.catalogue.index["902"], engine.catalogue.index["i9"]]
+    )
+    assert prefix == [3, 4]  # the [USER] encoder reads trained items only
     prompt = engine.reranker.builder.prompt(hist, cands)
     assert prompt.item_idx == [3, 4, 9]  # ID embeddings for known items only
     assert len(prompt.cand_pos) == 2  # ... and a marker the head reads for every candidate, cold ones too
@@ -191,6 +200,7 @@ def test_lookups_and_metadata(client, promoted):
         "known_to_encoder": True,
     }
     assert client.get("/items/901").json()["known_to_encoder"] is False
+    assert client.get(f"/items/{UNTRAINED}").json()["known_to_encoder"] is False
     r = client.get("/items/nope")
     assert r.status_code == 404 and "nope" in r.text
     hits = client.get("/items", params={"q": "movie 1", "limit": 3}).json()
@@ -201,7 +211,7 @@ def test_lookups_and_metadata(client, promoted):
     assert meta["data_version"] == "data/v1" and meta["metrics"] == {"hr@1": 0.5}
     assert (
         meta["items_known_to_encoder"] == 40
-        and meta["catalogue_items"] == 43
+        and meta["catalogue_items"] == 44
         and meta["llm_mode"] == "unified"
     )
     users = client.get("/sample_users", params={"limit": 3}).json()

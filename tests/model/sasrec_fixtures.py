@@ -31,18 +31,22 @@ def write_prepared(
     n_items: int = N_ITEMS,
     history_len: int = 10,
     seed: int = 0,
+    untrained: int = 0,
 ) -> Path:
-    """Write the prepared format (items, users, sequences, valid, test) into `out`."""
+    """Write the prepared format (items, users, sequences, valid, test) into `out`; `untrained` more
+    catalogue items follow the walk's items without any interaction (trained False)."""
     seqs = seqs if seqs is not None else synthetic_sequences(n_items=n_items, seed=seed)
     rng = np.random.default_rng(seed + 1)
     out.mkdir(parents=True, exist_ok=True)
+    size = n_items + untrained
     items = pd.DataFrame(
         {
-            "item_idx": np.arange(1, n_items + 1, dtype=np.int32),
-            "item_id": [f"i{k}" for k in range(1, n_items + 1)],
-            "title": [f"Movie {k}" for k in range(1, n_items + 1)],
+            "item_idx": np.arange(1, size + 1, dtype=np.int32),
+            "item_id": [f"i{k}" for k in range(1, size + 1)],
+            "title": [f"Movie {k}" for k in range(1, size + 1)],
             "year": 1995,
             "genres": "Drama",
+            "trained": np.arange(1, size + 1) <= n_items,
         }
     )
     users = pd.DataFrame(

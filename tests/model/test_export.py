@@ -29,7 +29,7 @@ def exported(tmp_path_factory) -> dict:
     prepared = write_prepared(tmp / "prepared")
     torch.manual_seed(0)
     model = SASRec(model_config(small_settings(), N_ITEMS)).eval()
-    save_model(model, [f"i{k}" for k in range(1, N_ITEMS + 1)], tmp / "sasrec")
+    save_model(model, {k: f"i{k}" for k in range(1, N_ITEMS + 1)}, tmp / "sasrec")
     summary = export_onnx(tmp / "sasrec", prepared, tmp / "onnx", ExportSettings(parity_users=64))
     return {"tmp": tmp, "summary": summary, "prepared": prepared}
 

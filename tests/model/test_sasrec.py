@@ -19,8 +19,11 @@ from components.recommender import (
     load_sasrec,
     model_config,
     pad_left,
+    save_model,
     train_sasrec,
+    trained_ids,
     training_windows,
+    untrained_rows,
 )
 from components.sasrec import SASRec, SASRecConfig
 from tests.model.sasrec_fixtures import N_ITEMS, small_settings, write_prepared
@@ -205,3 +208,32 @@ def test_same_seed_same_metrics(prepared):
 def test_load_sasrec_names_missing_files(tmp_path):
     with pytest.raises(ModelError, match="model.safetensors"):
         load_sasrec(tmp_path)
+
+
+def test_untrained_rows_are_never_a_class_nor_ranked_and_stay_out_of_items_json(tmp_path):
+    """Catalogue items without interactions keep their index (the stable item index) but get no row:
+    no gradient reaches them, full ranking never returns them, items.json does not list them."""
+    prepared = write_prepared(tmp_path / "p", untrained=3)
+    data = load_prepared(prepared)
+    assert data.n_items == N_ITEMS + 3 and data.trained[1 : N_ITEMS + 1].all() and not data.trained[0]
+    assert not data.trained[N_ITEMS + 1 :].any()
+    cfg = small_settings(max_epochs=2, patience=2, weight_decay=0.0)
+    torch.manual_seed(11)  # fit seeds itself: its first table is this one
+    start = SASRec(model_config(cfg, data.n_items)).item_emb.weight.detach().clone()
+    model, _, _ = fit(data, cfg, seed=11)
+    end = model.item_emb.weight.detach()
+    assert torch.equal(end[N_ITEMS + 1 :], start[N_ITEMS + 1 :])  # untrained: exactly as initialised
+    assert not torch.equal(end[1 : N_ITEMS + 1], start[1 : N_ITEMS + 1])
+
+    # an untrained row with the best score still never ranks above the target
+    class Boosted(_FixedScores):
+        def score_all(self, items: torch.Tensor) -> torch.Tensor:
+            scores = super().score_all(items)
+            scores[:, N_ITEMS + 1 :] = 1e6
+            return scores
+
+    plain = evaluate_split(_FixedScores(data.n_items, 10), data, "test")
+    assert evaluate_split(Boosted(data.n_items, 10), data, "test") == plain
+    save_model(model, trained_ids(data), tmp_path / "m")
+    assert sorted(load_item_ids(tmp_path / "m")) == list(range(1, N_ITEMS + 1))
+    assert untrained_rows(tmp_path / "m", data.n_items + 1) == [N_ITEMS + 1, N_ITEMS + 2, N_ITEMS + 3]

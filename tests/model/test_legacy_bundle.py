@@ -1,0 +1,71 @@
+"""A bundle made before the stable item index (format v0: tests/fixtures/bundle_v0, made by main at
+00c60f4) still loads and serves, and is re-scored on a newer snapshot through the remap loader."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.llm.loading import load_ranker, make_builder
+from components.llm.rank import score_users
+from components.rescore import production_stage
+from components.serving.engine import Engine
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "bundle_v0"
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    """A private copy (a test must never write into the committed fixture)."""
+    return Path(shutil.copytree(FIXTURE, tmp_path / "bundle_v0"))
+
+
+def test_a_v0_bundle_loads_and_serves(bundle):
+    engine = Engine(bundle, bundle / "base", {}, dtype="float32")
+    c = engine.catalogue
+    assert c.rows == 41 and c.n_known == 40 and len(c) == 43  # 40 items 1..40, three cold catalogue items
+    idx, cold = engine.parse_history(["i3", "901", "i4"])
+    assert cold == ["901"]
+    top, scores, how = engine.retrieve(idx, 10)
+    assert how == "encoder" and len(top) == 10 and all(c.is_known(i) for i in top) and not set(top) & set(idx)
+    assert scores == sorted(scores, reverse=True)
+    (llm,) = engine.reranker.score_jobs([engine.reranker.job(idx, top)])
+    assert len(llm) == 10 and np.isfinite(llm).all() and len(set(llm)) > 1
+
+
+def test_a_v0_bundle_is_remapped_onto_the_stable_index_and_scores_the_same(bundle, tmp_path):
+    """Today's index holds the v0 items at other indexes, plus a new item: after the remap, the same
+    users and items (in today's numbering) get the same scores as in the bundle's own numbering."""
+    old = pd.read_parquet(bundle / "items.parquet")
+    rng = np.random.default_rng(0)
+    new_idx = rng.permutation(np.arange(1, 41)) + 1  # 2..41; index 1 is an item the bundle never saw
+    now = pd.concat(
+        [
+            pd.DataFrame({"item_idx": [1], "item_id": ["new"], "title": ["Brand New"], "trained": [True]}),
+            old.assign(item_idx=new_idx.astype("int32"), trained=True)[
+                ["item_idx", "item_id", "title", "trained"]
+            ],
+        ]
+    ).sort_values("item_idx")
+    stage, how = production_stage(bundle, now, tmp_path / "remap")
+    assert how == "remap"
+    to_new = dict(zip(old["item_idx"], new_idx, strict=True))
+
+    def scores(stage_dir: Path, items: pd.DataFrame, hist: list[int], cands: list[int]) -> torch.Tensor:
+        model, tok, cfg = load_ranker(bundle / "base", stage_dir, "cpu", "float32")
+        titles = [""] * (int(items["item_idx"].max()) + 1)
+        for i, t in zip(items["item_idx"], items["title"], strict=True):
+            titles[int(i)] = str(t)
+        out, _, _ = score_users(model, make_builder(tok, titles, cfg), cfg, [hist], [cands], [hist])
+        return out[0]
+
+    hist, cands = [3, 4, 5, 6], [7, 8, 9, 10, 11]
+    before = scores(bundle / "llm", old, hist, cands)
+    after = scores(stage, now, [to_new[i] for i in hist], [to_new[i] for i in cands])
+    torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
+    assert (bundle / "llm" / "config.json").read_text() == (FIXTURE / "llm" / "config.json").read_text()
