@@ -192,3 +192,30 @@ def test_a_later_drop_cannot_change_accepted_items_or_ratings(project):
     key = f"({raw.iloc[1]['user_id']}, {raw.iloc[1]['item_id']}, {raw.iloc[1]['timestamp']})"
     assert changed["column"] == "rating" and key in changed["message"]
     assert data_digest(project) == before
+
+
+def test_accepted_drops_append_to_the_item_index_and_never_renumber(project):
+    """The stable item index (data/raw/item_index.parquet, written by merge from the source catalogue and
+    the acceptance manifest): every accepted drop's new items are appended, nothing moves."""
+    settings = load_settings(project / "params.yaml")
+    index = lambda: pd.read_parquet(project / "data/raw/item_index.parquet")  # noqa: E731
+    start = index()
+    assert list(start["item_idx"]) == list(range(1, len(start) + 1))
+    drop = good_drop(project).reset_index(drop=True)
+    half = len(drop) // 2
+    for name, rows, new in (
+        ("week-1", drop.iloc[:half].copy(), "new-1"),
+        ("week-2", drop.iloc[half:].copy(), "new-2"),
+    ):
+        rows.loc[rows.index[0], "item_id"] = new
+        write_csv(project, f"{name}.csv", rows)
+        items = {"item_id": [new], "title": [f"Film {new}"], "year": [2020], "genres": ["Drama"]}
+        pd.DataFrame(items).to_csv(project / f"data/incoming/{name}.items.csv", index=False)
+        before = index()
+        result = ingest(settings, None, project, record_version=False)
+        assert [a["drop"] for a in result["accepted"]] == [f"{name}.csv"], result["rejected"]
+        after = index()
+        pd.testing.assert_frame_equal(after.iloc[: len(before)], before)
+        assert after.iloc[len(before) :].to_dict("records") == [{"item_id": new, "item_idx": len(before) + 1}]
+    prepared = pd.read_parquet(project / "data/prepared/items.parquet").set_index("item_id")
+    assert prepared.loc["new-2", "item_idx"] == len(start) + 2
