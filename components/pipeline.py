@@ -7,8 +7,6 @@ dvc.yaml stays the one definition of the stages: the retrain flow asks it for th
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,7 @@ import yaml
 
 from components.config import load_settings
 from components.errors import ConfigError, RsllmError, VersioningError
-from components.lock import lock_settings
-from components.versioning import DATA_STAGES, DVC_LOCKED, IDENTITY, run, tool_env
+from components.versioning import DATA_STAGES, IDENTITY, run
 
 
 def dvc_stages(repo: Path) -> list[str]:
@@ -41,24 +38,8 @@ def pipeline_changed(repo: Path) -> bool:
 def repro_stage(repo: Path, stage: str) -> dict:
     """`dvc repro <stage>`; on failure restore its last good outputs (`dvc checkout`) and re-raise."""
     started = time.monotonic()
-    while True:  # DVC's own lock held by another DVC process: wait up to params lock.dvc
-        proc = subprocess.run(
-            [sys.executable, "-m", "dvc", "repro", stage],
-            cwd=repo,
-            env=tool_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        if proc.returncode == 0 or DVC_LOCKED not in proc.stdout:
-            break
-        if time.monotonic() - started > lock_settings(repo).dvc:
-            break
-        time.sleep(1.0)
-    out = proc.stdout  # the stage's own output (training progress, resumes) interleaved with dvc's
-    try:
-        if proc.returncode != 0:
-            raise VersioningError(f"`dvc repro {stage}` failed in {repo}: {out.strip()[-1500:]}")
+    try:  # the stage's own output (training progress, resumes) interleaved with dvc's
+        out = run(["dvc", "repro", stage], repo, combined=True)
     except VersioningError as e:
         try:
             run(["dvc", "checkout", "--force", stage], repo)

@@ -56,8 +56,9 @@ def tool_env() -> dict:
     return env
 
 
-def run(cmd: list[str], repo: Path, *, extra_env: dict | None = None) -> str:
+def run(cmd: list[str], repo: Path, *, extra_env: dict | None = None, combined: bool = False) -> str:
     """Run git or dvc in `repo`; a failure raises VersioningError with the tool's own message.
+    `combined`: stderr joins stdout (a `dvc repro` whose stage output should stay in order).
 
     A DVC call that finds DVC's own lock held tries again for up to params `lock.dvc` seconds
     (DVC itself gives up after 3 s; its `--wait-for-lock` would wait forever). Call DVC without
@@ -66,12 +67,18 @@ def run(cmd: list[str], repo: Path, *, extra_env: dict | None = None) -> str:
     deadline, wait = None, 0.0
     while True:
         proc = subprocess.run(
-            exe, cwd=repo, capture_output=True, text=True, env=tool_env() | (extra_env or {})
+            exe,
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if combined else subprocess.PIPE,
+            text=True,
+            env=tool_env() | (extra_env or {}),
         )
         if proc.returncode == 0:
             return proc.stdout
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
-        if cmd[0] == "dvc" and DVC_LOCKED in proc.stderr + proc.stdout:
+        err = proc.stderr or ""
+        tail = (err.strip() or proc.stdout.strip())[-1500:]
+        if cmd[0] == "dvc" and DVC_LOCKED in err + proc.stdout:
             if deadline is None:
                 wait = lock_settings(repo).dvc
                 deadline = time.monotonic() + wait
