@@ -135,6 +135,7 @@ def retrieval_top(
     data = load_prepared(prepared)
     prefixes = [data.sequences[int(u)][:-1] for u in rows["user_idx"]]
     scores = model.score_all(torch.from_numpy(pad_left(prefixes, cfg.max_len))).float().numpy()  # [U, N+1]
+    scores[:, ~data.trained] = -np.inf  # rows without training data: the service never retrieves them
     targets = rows["target"].to_numpy()
     for r, seen in enumerate(prefixes):
         scores[r, seen[seen != targets[r]]] = -np.inf

@@ -70,11 +70,14 @@ def same_index(model_items: pd.DataFrame, prepared_items: pd.DataFrame) -> bool:
     if "trained" not in model_items:
         return False
 
-    def mapping(items: pd.DataFrame) -> dict[str, int]:
-        return dict(zip(items["item_id"].astype(str), items["item_idx"].astype(int), strict=True))
+    def pairs(items: pd.DataFrame) -> set[tuple[str, int]]:
+        return set(zip(items["item_id"].astype(str), items["item_idx"].astype(int), strict=True))
 
-    now = mapping(prepared_items)
-    return all(now.get(item_id, idx) == idx for item_id, idx in mapping(model_items).items())
+    then, now = pairs(model_items), pairs(prepared_items)
+    ids_now, idx_now = {i for i, _ in now}, {j for _, j in now}
+    # an item known to both at another index, or an index holding another item: not the same index
+    shared = {(i, j) for i, j in then if i in ids_now or j in idx_now}
+    return shared <= now
 
 
 def production_stage(stored: Path, prepared_items: pd.DataFrame, tmp: Path) -> tuple[Path, str]:

@@ -73,8 +73,9 @@ def id_text_pairs(model, batch: dict, h: torch.Tensor, space: str) -> tuple[torc
     rows = torch.arange(len(h), device=h.device)[:, None]
     at = batch["item_at"][rows, batch["cand_pos"]]  # [B, C]: the item injected at each marker, 0 = cold
     items = torch.unique(at[at > 0])  # [n] distinct items with an ID
-    if space == "input":  # every catalogue item with an ID: text = mean title input embedding
-        all_items = torch.arange(1, model.title_table.shape[0], device=h.device)
+    if space == "input":  # every titled catalogue item: text = mean title input embedding
+        titled = model.title_table[1:].abs().sum(1) > 0  # [N]: a gap in the item index has no title
+        all_items = torch.arange(1, model.title_table.shape[0], device=h.device)[titled]
         rest = all_items[~torch.isin(all_items, items)]
         keys = torch.cat([items, rest])
         text = model.head.text(model.title_table[keys].to(model.head.text.weight.dtype))

@@ -116,10 +116,15 @@ def build_model(
 
 
 def title_table(model: RsllmModel, builder: PromptBuilder) -> torch.Tensor:
-    """Mean input embedding of each item's title tokens [N + 1, H] (row 0 = zeros): L_id_text `input`."""
+    """Mean input embedding of each item's title tokens [N + 1, H] (row 0 and gaps in the item index,
+    which have no title: zeros): L_id_text `input`."""
     emb = model.causal_lm.get_input_embeddings().weight.detach()
-    rows = [emb.new_zeros(emb.shape[1])]
-    rows += [emb[builder.title_ids(i)].mean(0) for i in range(1, len(builder.titles))]
+    zero = emb.new_zeros(emb.shape[1])
+    rows = [zero]
+    rows += [
+        emb[builder.title_ids(i)].mean(0) if str(builder.titles[i]).strip() else zero
+        for i in range(1, len(builder.titles))
+    ]
     return torch.stack(rows).float()
 
 

@@ -85,6 +85,16 @@ def test_a_bundle_on_the_stable_index_scores_a_newer_snapshot_without_remapping(
     assert not (tmp_path / "tmp").exists()
 
 
+def test_an_index_that_gave_a_row_to_another_item_is_not_the_same_index(tmp_path):
+    from components.rescore import same_index
+
+    then = pd.DataFrame({"item_idx": [1, 2], "item_id": ["a", "x"], "trained": [True, True]})
+    assert same_index(then, then.assign(trained=False))
+    assert same_index(then, pd.concat([then, pd.DataFrame({"item_idx": [3], "item_id": ["y"]})]))
+    assert not same_index(then, pd.DataFrame({"item_idx": [1, 2], "item_id": ["a", "y"]}))  # x gone, y at 2
+    assert not same_index(then, pd.DataFrame({"item_idx": [1, 3], "item_id": ["a", "x"]}))  # x moved
+
+
 def test_a_v0_bundle_or_a_changed_index_is_remapped_and_keeps_its_cold_rows_cold(tmp_path):
     from components.rescore import production_stage
 

@@ -399,7 +399,7 @@ def test_catalogue_on_the_stable_index_knows_only_trained_rows(tmp_path):
     assert c.ids == ["", "a", "", "c", "d"] and c.rows == 5 and len(c) == 3 and c.n_known == 2
     assert [c.is_known(i) for i in range(6)] == [False, True, False, False, True, False]
     assert c.index == {"a": 1, "c": 3, "d": 4} and c.item(3)["known_to_encoder"] is False
-    assert c.search("a", 10, np.zeros(5)) == [3, 4, 1]  # by title; the gap is never a hit
+    assert c.search("", 10, np.zeros(5)) == [3, 4, 1]  # every title matches ""; the gap is no item
     with pytest.raises(RequestError):
         c.lookup("history", [""])
 

@@ -219,5 +219,6 @@ def test_accepted_drops_append_to_the_item_index_and_never_renumber(project):
         assert after.iloc[len(before) :].to_dict("records") == [{"item_id": new, "item_idx": len(before) + 1}]
     rsllm(["prepare"], project)
     prepared = pd.read_parquet(project / "data/prepared/items.parquet").set_index("item_id")
+    assert prepared.loc["new-1", "item_idx"] == len(start) + 1
     assert prepared.loc["new-2", "item_idx"] == len(start) + 2  # one interaction: below the k-core
     assert not prepared.loc["new-2", "trained"] and prepared["trained"].sum() > 0

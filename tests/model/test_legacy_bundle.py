@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -68,4 +69,23 @@ def test_a_v0_bundle_is_remapped_onto_the_stable_index_and_scores_the_same(bundl
     before = scores(bundle / "llm", old, hist, cands)
     after = scores(stage, now, [to_new[i] for i in hist], [to_new[i] for i in cands])
     torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
+    cfg = json.loads((stage / "config.json").read_text())
+    assert cfg["n_id_items"] == 41 and cfg["cold_items"] == [1]  # the item the bundle never saw
+    mapping = json.loads((stage / "sasrec" / "items.json").read_text())  # its [USER] encoder follows
+    assert {int(k): v for k, v in mapping.items()} == dict(zip(new_idx.tolist(), old["item_id"], strict=True))
+
+
+def test_a_stored_stage_reads_items_newer_than_its_tables_as_cold(bundle):
+    """The plain load on a larger index: items beyond the stored tables are rendered by title alone and
+    left out of the [USER] encoder's prefix, whether in the history or among the candidates."""
+    model, tok, cfg = load_ranker(bundle / "base", bundle / "llm", "cpu", "float32")
+    items = pd.read_parquet(bundle / "items.parquet")
+    titles = ["", *items["title"].astype(str), "Brand New", "Newer Still"]  # 41, 42: after the table
+    builder = make_builder(tok, titles, cfg)
+    prompt = builder.prompt([3, 41, 4], [42, 7])
+    assert prompt.item_idx == [3, 4, 7] and len(prompt.cand_pos) == 2
+    enc = cfg["user_encoder"]
+    torch.testing.assert_close(enc([[3, 41, 4, 42]]), enc([[3, 4]]))
+    scores, _, _ = score_users(model, builder, cfg, [[3, 41, 4]], [[42, 7]], [[3, 41, 4]])
+    assert torch.isfinite(scores).all() and scores.shape == (1, 2)
     assert (bundle / "llm" / "config.json").read_text() == (FIXTURE / "llm" / "config.json").read_text()

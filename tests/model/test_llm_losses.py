@@ -143,6 +143,13 @@ def test_weights_switch_losses_on_and_off(setup):
     assert both["id_text_negatives"].item() == pytest.approx(7.0)
     # input space: every other title of the catalogue (12 titles, the cold one too) is a negative
     assert inp["id_text"] > 0 and inp["id_text_negatives"].item() == pytest.approx(11.0)
+    # ... but a gap in the item index (no title: a zero row) is none
+    saved = model.title_table[12].clone()
+    model.title_table[12] = 0
+    with torch.no_grad():
+        gap = batch_losses(model, batch, a=0.0, b=1.0, temperature=0.1, id_text_space="input")
+    model.title_table[12] = saved
+    assert gap["id_text_negatives"].item() == pytest.approx(10.0)
     # a text-only model has no ID embeddings: L_id_text and L_distill stay off whatever b and c are
     text = RsllmModel(model.llm, head=model.head)
     with torch.no_grad():

@@ -237,3 +237,18 @@ def test_untrained_rows_are_never_a_class_nor_ranked_and_stay_out_of_items_json(
     save_model(model, trained_ids(data), tmp_path / "m")
     assert sorted(load_item_ids(tmp_path / "m")) == list(range(1, N_ITEMS + 1))
     assert untrained_rows(tmp_path / "m", data.n_items + 1) == [N_ITEMS + 1, N_ITEMS + 2, N_ITEMS + 3]
+    # the evaluation's retrieval (rerank on retrieval) never retrieves an untrained row either, even one
+    # pointing straight at the user's vector
+    from components.evaluate import retrieval_top
+
+    rows = data.test.head(1)
+    with torch.no_grad():
+        user = model.user_vector(torch.from_numpy(pad_left([data.sequences[0][:-1]], cfg.max_len)))[0]
+        model.item_emb.weight[N_ITEMS + 1] = 1e3 * user
+    save_model(model, trained_ids(data), tmp_path / "boosted")
+    assert (
+        int(model.score_all(torch.from_numpy(pad_left([data.sequences[0][:-1]], cfg.max_len)))[0].argmax())
+        == N_ITEMS + 1
+    )
+    top, _ = retrieval_top(tmp_path / "boosted", prepared, rows, 5)
+    assert data.trained[top].all()
