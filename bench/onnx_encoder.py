@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.config import DEFAULT_PARAMS, SasrecSettings, load_settings  # noqa: E402
 from components.export import OUTPUTS, _export_graph, check_parity, make_session, onnx_providers  # noqa: E402
-from components.recommender import load_prepared, load_sasrec, model_config, pad_left  # noqa: E402
+from components.prepare import load_prepared  # noqa: E402
+from components.recommender import load_sasrec, model_config, pad_left  # noqa: E402
 from components.sasrec import SASRec  # noqa: E402
 
 

@@ -58,7 +58,8 @@ def per_user_frame(model: str, user_idx, ranks: np.ndarray, generated_valid=None
 @torch.no_grad()
 def score_sasrec(sasrec_dir: Path, prepared: Path, rows: pd.DataFrame) -> pd.DataFrame:
     """SASRec's per-user candidate ranks on `rows` (input: the whole prefix before the target)."""
-    from components.recommender import load_prepared, load_sasrec, pad_left
+    from components.prepare import load_prepared
+    from components.recommender import load_sasrec, pad_left
 
     model, cfg = load_sasrec(sasrec_dir)
     model.eval()
@@ -129,7 +130,8 @@ def retrieval_top(
 ) -> tuple[np.ndarray, np.ndarray]:
     """SASRec's top n of the whole catalogue per user (earlier items masked, as the service retrieves)
     and the target's full-catalogue rank. Returns (top [U, n], target ranks [U])."""
-    from components.recommender import load_prepared, load_sasrec, pad_left
+    from components.prepare import load_prepared
+    from components.recommender import load_sasrec, pad_left
 
     model, cfg = load_sasrec(sasrec_dir)
     data = load_prepared(prepared)

@@ -28,7 +28,8 @@ import torch.nn as nn
 from components.config import ExportSettings
 from components.errors import ExportError, ModelError
 from components.io import atomic_dir
-from components.recommender import load_prepared, load_sasrec, pad_left
+from components.prepare import load_prepared
+from components.recommender import load_sasrec, pad_left
 from components.sasrec import SASRec
 
 ONNX_FORMAT = "rsllm-onnx-encoder/1"

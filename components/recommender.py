@@ -20,11 +20,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -35,85 +33,13 @@ from components.config import SasrecSettings
 from components.errors import ModelError
 from components.io import atomic_dir, write_json_atomic
 from components.metrics import ranking_metrics, target_ranks
+from components.prepare import Prepared, load_prepared, trained_ids
 from components.sasrec import SASRec, SASRecConfig
 
 MODEL_FORMAT = "rsllm-sasrec/1"
 FULL_KS = {"hr": (10,), "ndcg": (10,)}
 CAND_KS = {"hr": (1, 5), "ndcg": (5,)}
 console = Console(stderr=True)
-
-
-# ----------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Prepared:
-    """The parts of data/prepared/ SASRec needs."""
-
-    n_items: int  # the index size: items.parquet's largest item_idx (rows 1..n_items of the table)
-    item_ids: list[str]  # item_ids[i - 1] is the id of item_idx i ("" where the index has a gap)
-    trained: np.ndarray  # bool [n_items + 1]: the item has interactions (row 0, gaps: False)
-    sequences: dict[int, np.ndarray]  # user_idx -> the whole chronological sequence (int64)
-    valid: pd.DataFrame  # user_idx, history, target, candidates
-    test: pd.DataFrame
-
-
-def _read(path: Path, columns: list[str]) -> pd.DataFrame:
-    if not path.exists():
-        raise ModelError(f"{path}: not found (run `rsllm prepare` first)")
-    df = pd.read_parquet(path)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ModelError(f"{path}: missing column(s) {missing}")
-    return df
-
-
-def load_prepared(prepared_dir: Path) -> Prepared:
-    """Read items, sequences, valid and test from data/prepared/ and check they agree."""
-    prepared_dir = Path(prepared_dir)
-    items = _read(prepared_dir / "items.parquet", ["item_idx", "item_id"]).sort_values("item_idx")
-    idx = items["item_idx"].to_numpy(np.int64)
-    if len(idx) == 0 or idx[0] < 1 or (np.diff(idx) < 1).any():
-        raise ModelError(f"{prepared_dir / 'items.parquet'}: item_idx must be distinct and >= 1")
-    n_items = int(idx[-1])
-    item_ids = [""] * n_items
-    for i, item_id in zip(idx.tolist(), items["item_id"].astype(str).tolist(), strict=True):
-        item_ids[i - 1] = item_id
-    trained = np.zeros(n_items + 1, dtype=bool)
-    # a prepared folder from before the stable index has no `trained` column: all its items were trained
-    trained[idx[items["trained"].to_numpy(bool)] if "trained" in items else idx] = True
-    seqs = _read(prepared_dir / "sequences.parquet", ["user_idx", "items"])
-    sequences = {
-        int(u): np.asarray(s, dtype=np.int64) for u, s in zip(seqs["user_idx"], seqs["items"], strict=True)
-    }
-    splits = {}
-    for name, offset in (("valid", 2), ("test", 1)):
-        path = prepared_dir / f"{name}.parquet"
-        df = _read(path, ["user_idx", "history", "target", "candidates"])
-        for u, t in zip(df["user_idx"].tolist(), df["target"].tolist(), strict=True):
-            seq = sequences.get(int(u))
-            if seq is None or len(seq) < 3 or int(seq[-offset]) != int(t):
-                raise ModelError(
-                    f"{path}: target of user_idx {u} is not items[-{offset}] of sequences.parquet"
-                )
-        splits[name] = df.reset_index(drop=True)
-    for seq in sequences.values():
-        if seq.size and (seq.min() < 1 or seq.max() > n_items or not trained[seq].all()):
-            raise ModelError(
-                f"{prepared_dir / 'sequences.parquet'}: items: ids must be trained items of items.parquet"
-            )
-    return Prepared(n_items, item_ids, trained, sequences, splits["valid"], splits["test"])
-
-
-def trained_ids(data: Prepared) -> dict[int, str]:
-    """item_idx -> item_id of the items with training data (the rows a model learns)."""
-    return {i: data.item_ids[i - 1] for i in np.flatnonzero(data.trained).tolist()}
-
-
-def untrained_rows(model_dir: Path, rows: int) -> list[int]:
-    """Rows 1..rows-1 of a SASRec folder's table that items.json does not list (no training data)."""
-    known = load_item_ids(model_dir)
-    return [i for i in range(1, rows) if i not in known]
 
 
 def pad_left(histories: list[np.ndarray] | list[list[int]], max_len: int) -> np.ndarray:
