@@ -253,8 +253,8 @@ class GateSettings(_Section):
     )
     rerank_min_gain: float = Field(
         0.0,
-        description="the LLM rerank is on by default only if its full-catalogue NDCG@10 minus retrieval's "
-        "is at least this (else the model is promoted with rerank off)",
+        description="the LLM rerank is on by default only if its full-catalogue NDCG@10 gain over "
+        "retrieval (its 95% CI's lower bound, when reported) is at least this; else rerank off",
     )
 
 

@@ -5,7 +5,8 @@ Inputs are the evaluation metrics (metrics/eval.json: one block per model, e.g. 
   - absolute minimums: every `gate.min.<metric>` must hold for the candidate (always);
   - no regression: candidate >= production - `gate.tolerance.<metric>` (only when production exists).
   - rerank by default: only when the LLM's rerank of retrieval's top 20 gains at least
-    `gate.rerank_min_gain` full-catalogue NDCG@10 over retrieval alone (metrics["rerank_on_retrieval"]);
+    `gate.rerank_min_gain` full-catalogue NDCG@10 over retrieval alone (metrics["rerank_on_retrieval"];
+    the lower bound of its paired 95% interval when the evaluation reports one);
     otherwise the model is still promotable, with rerank off by default. This never fails the gate.
 The decision and every reason go to reports/gate.json.
 """
@@ -80,11 +81,14 @@ def rerank_default(rr: dict | None, min_gain: float) -> tuple[bool, str]:
     ret, rer = rr["retrieval"][f"ndcg@{k}"], rr["rerank"][f"ndcg@{k}"]
     ci = rr.get(f"gain_ndcg@{k}_ci95")
     shown = f", 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+    # with a paired interval, its lower bound must reach the minimum: a gain inside the noise does not
+    # make an LLM call per request the default (the point estimate flips with the users drawn)
+    judged = ci[0] if ci else gain
     line = (
         f"LLM rerank NDCG@{k} {rer:.4f} vs retrieval {ret:.4f} on {rr.get('users')} users "
-        f"(gain {gain:+.4f}{shown}, minimum {min_gain})"
+        f"(gain {gain:+.4f}{shown}, minimum {min_gain}{' for the lower bound' if ci else ''})"
     )
-    return gain >= min_gain, line
+    return judged >= min_gain, line
 
 
 def _record(d: Decision, ok: bool, line: str) -> None:
