@@ -186,6 +186,12 @@ def prepare(raw_dir: Path, out_dir: Path, metrics_path: Path, cfg: PrepareSettin
 # ---------------------------------------------------------------- reading data/prepared back
 
 
+def trained_flags(items: pd.DataFrame) -> np.ndarray:
+    """items.parquet's `trained` column as bools; a table from before the stable item index (format
+    v0) has none: all of its items were trained."""
+    return items["trained"].to_numpy(bool) if "trained" in items else np.ones(len(items), bool)
+
+
 @dataclass
 class Prepared:
     """The parts of data/prepared/ SASRec needs."""
@@ -221,7 +227,7 @@ def load_prepared(prepared_dir: Path) -> Prepared:
         item_ids[i - 1] = item_id
     trained = np.zeros(n_items + 1, dtype=bool)
     # a prepared folder from before the stable index has no `trained` column: all its items were trained
-    trained[idx[items["trained"].to_numpy(bool)] if "trained" in items else idx] = True
+    trained[idx[trained_flags(items)]] = True
     seqs = _read(prepared_dir / "sequences.parquet", ["user_idx", "items"])
     sequences = {
         int(u): np.asarray(s, dtype=np.int64) for u, s in zip(seqs["user_idx"], seqs["items"], strict=True)

@@ -46,8 +46,9 @@ def trained_pool(prepared: Path) -> np.ndarray:
     if not path.exists():
         raise ModelError(f"{path}: not found; run `rsllm prepare` first")
     items = pd.read_parquet(path)
-    keep = items["trained"].to_numpy(bool) if "trained" in items else np.ones(len(items), bool)
-    return np.sort(items.loc[keep, "item_idx"].to_numpy(np.int64))
+    from components.prepare import trained_flags
+
+    return np.sort(items.loc[trained_flags(items), "item_idx"].to_numpy(np.int64))
 
 
 def training_samples(

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from components.errors import ModelError, RequestError
+from components.prepare import trained_flags
 
 ONNX_DIR, LLM_DIR = "onnx", "llm"
 ECHO_CHARS = 40  # an id echoed in an error is cut to this many characters
@@ -61,7 +62,7 @@ class Catalogue:
         if len(idx) == 0 or idx[0] < 1 or (np.diff(idx) < 1).any():
             raise ModelError(f"{items_path}: item_idx must be distinct and >= 1")
         rows = int(idx[-1]) + 1
-        trained = items["trained"].to_numpy(bool) if "trained" in items else np.ones(len(items), bool)
+        trained = trained_flags(items)
         table = pd.DataFrame(index=range(rows), columns=["item_id", "title", "year", "genres"], dtype=object)
         table.loc[idx, ["item_id", "title", "year", "genres"]] = items.reindex(
             columns=["item_id", "title", "year", "genres"]
