@@ -56,21 +56,32 @@ def per_user_frame(model: str, user_idx, ranks: np.ndarray, generated_valid=None
 
 
 @torch.no_grad()
-def score_sasrec(sasrec_dir: Path, prepared: Path, rows: pd.DataFrame) -> pd.DataFrame:
-    """SASRec's per-user candidate ranks on `rows` (input: the whole prefix before the target)."""
+def sasrec_candidate_scores(
+    sasrec_dir: Path, prepared: Path, rows: pd.DataFrame, split: str = "test"
+) -> np.ndarray:
+    """SASRec's scores [U, C] of each row's candidates (input: the whole prefix before the target: the
+    sequence without its last item for test, without its last two for valid)."""
     from components.prepare import load_prepared
     from components.recommender import load_sasrec, pad_left
 
+    cut = {"test": 1, "valid": 2}[split]
     model, cfg = load_sasrec(sasrec_dir)
     model.eval()
     data = load_prepared(prepared)
-    prefixes = [data.sequences[int(u)][:-1] for u in rows["user_idx"]]
-    inputs = torch.from_numpy(pad_left(prefixes, cfg.max_len))
-    scores = model.score_all(inputs).float().numpy()  # [U, N+1]
+    prefixes = [data.sequences[int(u)][:-cut] for u in rows["user_idx"]]
+    with torch.no_grad():
+        scores = (
+            model.score_all(torch.from_numpy(pad_left(prefixes, cfg.max_len))).float().numpy()
+        )  # [U, N+1]
     cands = np.array(rows["candidates"].tolist(), dtype=np.int64)  # [U, C]
-    targets = rows["target"].to_numpy()
-    cand_scores = np.take_along_axis(scores, cands, axis=1)
-    ranks = target_ranks(cand_scores, np.argmax(cands == targets[:, None], axis=1))
+    return np.take_along_axis(scores, cands, axis=1)
+
+
+def score_sasrec(sasrec_dir: Path, prepared: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """SASRec's per-user candidate ranks on `rows` of the test split."""
+    cand_scores = sasrec_candidate_scores(sasrec_dir, prepared, rows)
+    cands = np.array(rows["candidates"].tolist(), dtype=np.int64)
+    ranks = target_ranks(cand_scores, np.argmax(cands == rows["target"].to_numpy()[:, None], axis=1))
     return per_user_frame("sasrec", rows["user_idx"], ranks)
 
 

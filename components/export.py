@@ -14,12 +14,12 @@ models/onnx/ (written atomically):
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,13 +27,59 @@ import torch.nn as nn
 
 from components.config import ExportSettings
 from components.errors import ExportError, ModelError
+from components.folders import FolderConfig, load_config, save_config
 from components.io import atomic_dir
 from components.prepare import load_prepared
 from components.recommender import load_sasrec, pad_left
 from components.sasrec import SASRec
 
-ONNX_FORMAT = "rsllm-onnx-encoder/1"
+ONNX_FORMAT = "rsllm-onnx-encoder/1"  # meta.json's "format" before typed folders (v0)
 INPUT = "item_ids"
+
+
+META = "meta.json"
+
+
+class OnnxFolder(FolderConfig):
+    """models/onnx/meta.json: the encoder's interface and how it was checked."""
+
+    kind: Literal["onnx_encoder"] = "onnx_encoder"
+    input: str = INPUT  # int64 [batch, length] item indexes, left-padded with 0, oldest item first
+    max_length: int  # the longest history the encoder reads (SASRec's max_len)
+    n_items: int  # outputs: user_vector [batch, hidden], item_embeddings [n_items + 1, hidden]
+    hidden: int
+    scoring: str = "user_vector @ item_embeddings.T; mask column 0 (padding) and the user's history"
+    opset: int
+    source: str = ""  # records below: for people, never read back
+    providers_at_export: list[str] = []
+    parity: dict[str, Any] = {}
+
+
+def _legacy_onnx(raw: dict) -> OnnxFolder:
+    """v0: {"format": "rsllm-onnx-encoder/1", "input": {..., "max_length"}, "outputs": {...}, ...}."""
+    hidden = raw["outputs"]["user_vector"][1]
+    return OnnxFolder(
+        format_version=1,
+        max_length=raw["input"]["max_length"],
+        n_items=raw["n_items"],
+        hidden=hidden,
+        opset=raw["opset"],
+        source=raw.get("source", ""),
+        providers_at_export=raw.get("providers_at_export", []),
+        parity=raw.get("parity", {}),
+    )
+
+
+def save_onnx_config(onnx_dir: Path, config: OnnxFolder) -> None:
+    """Write models/onnx/meta.json."""
+    save_config(onnx_dir, config, META)
+
+
+def load_onnx_config(onnx_dir: Path) -> OnnxFolder:
+    """Read models/onnx/meta.json (v0 through its legacy reader); ModelError naming the file."""
+    return load_config(onnx_dir, OnnxFolder, _legacy_onnx, META)
+
+
 OUTPUTS = ("user_vector", "item_embeddings")
 
 
@@ -216,31 +262,21 @@ def export_onnx(model_dir: Path, prepared_dir: Path, out_dir: Path, cfg: ExportS
         session = make_session(onnx_path, cfg.intra_op_threads)
         parity = check_parity(model, session, batches, cfg.parity_tolerance, str(out_dir / "encoder.onnx"))
         shutil.copyfile(model_dir / "items.json", tmp / "items.json")
-        meta = {
-            "format": ONNX_FORMAT,
-            "source": str(model_dir),
-            "input": {
-                "name": INPUT,
-                "dtype": "int64",
-                "shape": ["batch", "length"],
-                "padding": "left with 0, oldest item first",
-                "max_length": mcfg.max_len,
-            },
-            "outputs": {
-                "user_vector": ["batch", mcfg.hidden],
-                "item_embeddings": [mcfg.n_items + 1, mcfg.hidden],
-            },
-            "scoring": "user_vector @ item_embeddings.T; mask column 0 (padding) and the user's history",
-            "n_items": mcfg.n_items,
-            "opset": cfg.opset,
-            "providers_at_export": session.get_providers(),
-            "parity": parity,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        meta = OnnxFolder(
+            format_version=1,
+            source=str(model_dir),
+            max_length=mcfg.max_len,
+            n_items=mcfg.n_items,
+            hidden=mcfg.hidden,
+            opset=cfg.opset,
+            providers_at_export=session.get_providers(),
+            parity=parity,
+        )
+        save_onnx_config(tmp, meta)
         size = onnx_path.stat().st_size
     return {
         "onnx": str(out_dir / "encoder.onnx"),
         "bytes": size,
         "parity": parity,
-        "providers": meta["providers_at_export"],
+        "providers": meta.providers_at_export,
     }

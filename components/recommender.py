@@ -21,6 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,12 +32,13 @@ from safetensors.torch import load_file, save_file
 
 from components.config import SasrecSettings
 from components.errors import ModelError
+from components.folders import FolderConfig, load_config, save_config
 from components.io import atomic_dir, write_json_atomic
 from components.metrics import ranking_metrics, target_ranks
 from components.prepare import Prepared, load_prepared, trained_ids
 from components.sasrec import SASRec, SASRecConfig
 
-MODEL_FORMAT = "rsllm-sasrec/1"
+MODEL_FORMAT = "rsllm-sasrec/1"  # safetensors metadata of model.safetensors
 FULL_KS = {"hr": (10,), "ndcg": (10,)}
 CAND_KS = {"hr": (1, 5), "ndcg": (5,)}
 console = Console(stderr=True)
@@ -262,47 +264,69 @@ def fit(
     return model, curve, info
 
 
-def save_model(model: SASRec, item_ids: dict[int, str], out_dir: Path, extra: dict | None = None) -> None:
-    """Write models/sasrec/ atomically: model.safetensors, config.json, items.json (item_idx -> item_id
-    of the trained rows; any other row of the table is untrained and never recommended)."""
+class SASRecFolder(FolderConfig):
+    """models/sasrec/config.json: what rebuilds the module, plus how it was trained (a record)."""
+
+    kind: Literal["sasrec"] = "sasrec"
+    model: SASRecConfig  # the architecture; n_items = rows of the item table - 1
+    training: dict[str, Any] = {}  # epochs, seconds, seed, settings: for people, never read back
+
+
+def _legacy_sasrec(raw: dict) -> SASRecFolder:
+    """v0 (before typed folders): {"format": "rsllm-sasrec/1", "model": {...}, "training": {...}}."""
+    return SASRecFolder(
+        format_version=1, model=SASRecConfig(**raw["model"]), training=raw.get("training", {})
+    )
+
+
+def save_sasrec_config(model_dir: Path, config: SASRecFolder) -> None:
+    """Write models/sasrec/config.json."""
+    save_config(model_dir, config)
+
+
+def load_sasrec_config(model_dir: Path) -> SASRecFolder:
+    """Read models/sasrec/config.json (v0 through its legacy reader); ModelError naming the file."""
+    return load_config(model_dir, SASRecFolder, _legacy_sasrec)
+
+
+def save_model(model: SASRec, item_ids: dict[int, str], out_dir: Path, training: dict | None = None) -> None:
+    """Write models/sasrec/ atomically: model.safetensors, config.json (SASRecFolder), items.json
+    (item_idx -> item_id of the trained rows; any other row of the table is untrained and never
+    recommended)."""
     with atomic_dir(Path(out_dir)) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": MODEL_FORMAT})
-        cfg = {"format": MODEL_FORMAT, "model": model.cfg.to_dict(), **(extra or {})}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        config = SASRecFolder(
+            format_version=1, model=model.cfg, training=json.loads(json.dumps(training or {}, default=str))
+        )
+        save_sasrec_config(tmp, config)
         mapping = {str(i): item_id for i, item_id in sorted(item_ids.items())}
         (tmp / "items.json").write_text(json.dumps(mapping, indent=1) + "\n")
 
 
-def _model_files(model_dir: Path) -> tuple[Path, Path]:
-    model_dir = Path(model_dir)
-    weights, config = model_dir / "model.safetensors", model_dir / "config.json"
-    for path in (weights, config):
-        if not path.exists():
-            raise ModelError(f"{path}: not found (run `rsllm train-sasrec` first)")
-    return weights, config
+def _weights(model_dir: Path) -> Path:
+    weights = Path(model_dir) / "model.safetensors"
+    if not weights.exists():
+        raise ModelError(f"{weights}: not found (run `rsllm train-sasrec` first)")
+    return weights
 
 
 def load_sasrec(model_dir: Path) -> tuple[SASRec, SASRecConfig]:
     """Load models/sasrec/ -> (model in eval mode on CPU, its config)."""
-    weights, config = _model_files(model_dir)
-    try:
-        raw = json.loads(config.read_text())
-        cfg = SASRecConfig(**raw["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ModelError(f"{config}: not a SASRec config ({e})") from None
+    weights = _weights(model_dir)
+    cfg = load_sasrec_config(model_dir).model
     model = SASRec(cfg)
     try:
         model.load_state_dict(load_file(str(weights)))
     except RuntimeError as e:
-        raise ModelError(f"{weights}: weights do not match {config}: {e}") from None
+        raise ModelError(f"{weights}: weights do not match {Path(model_dir) / 'config.json'}: {e}") from None
     model.eval()
     return model, cfg
 
 
 def load_item_embeddings(model_dir: Path) -> torch.Tensor:
     """The item embedding table [n_items + 1, hidden] (row 0 = padding) of models/sasrec/."""
-    weights, _ = _model_files(model_dir)
+    weights = _weights(model_dir)
     table = load_file(str(weights)).get("item_emb.weight")
     if table is None:
         raise ModelError(f"{weights}: no tensor 'item_emb.weight'")
@@ -334,9 +358,7 @@ def train_sasrec(
         s: {g: {k: round(v, 6) for k, v in m.items()} for g, m in groups.items()}
         for s, groups in metrics.items()
     }
-    save_model(
-        model, trained_ids(data), out_dir, {"training": {**info, "seed": seed, "settings": cfg.model_dump()}}
-    )
+    save_model(model, trained_ids(data), out_dir, {**info, "seed": seed, "settings": cfg.model_dump()})
     write_json_atomic(metrics_path, metrics)
     write_json_atomic(plots_path, curve)
     return {

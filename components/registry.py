@@ -2,7 +2,8 @@
 
 - `rsllm`       one BentoML model per promoted candidate, holding everything the service needs
                 (ONNX encoder, projected item embeddings, adapters, projector, catalogue, id mapping)
-                and its metadata (metrics, data version, git commit, params).
+                and its config `BundleConfig` (metrics, data version, git commit, params, checksums)
+                as its BentoML metadata (model.yaml): read it with `bundle_config(model)` only.
 - `rsllm-base`  the base LLM weights, saved once per distinct content and referenced by tag.
 - production    `models/registry/production.json`, written by atomic rename: the tag the service
                 loads at startup. The store has no production marker of its own.
@@ -20,16 +21,17 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any, Literal
 
 import bentoml
 
 from components.errors import RegistryError
+from components.folders import FolderConfig, parse_config
 from components.io import sha256_of, write_json_atomic
 from components.lock import repo_lock
 from components.paths import outputs
 
 MODEL_NAME = "rsllm"
-CHECKSUMS = "checksums"  # metadata key: {relative path: sha256} of every file of a candidate bundle
 MODEL_YAML = "model.yaml"  # BentoML's own file in a stored model (written after the checksums)
 BASE_NAME = "rsllm-base"
 POINTER = Path("models/registry/production.json")
@@ -63,14 +65,53 @@ def save_base(base_dir: Path) -> str:
     return str(model.tag)
 
 
+class BundleConfig(FolderConfig):
+    """A stored `rsllm` model's config: its BentoML metadata (model.yaml), read by `bundle_config`."""
+
+    kind: Literal["bundle"] = "bundle"
+    checksums: dict[str, str] = {}  # relative path -> sha256 of every file ({}: stored without, unverified)
+    metrics: dict[str, float] = {}  # the gate's numeric metrics (hr@1, ndcg@10, ...)
+    data_version: str | None = None  # the data snapshot it was trained on
+    git_commit: str | None = None  # the code it was trained with
+    base_tag: str = ""  # the `rsllm-base` model it runs on ("": none recorded, set RSLLM_BASE_TAG)
+    rerank_default: bool = False  # whether requests rerank unless they say otherwise
+    rerank_reason: str = ""  # why rerank_default is what it is (the gate's rerank rule)
+    profile: str | None = None  # the params.yaml profile it was trained with
+    params: dict[str, Any] = {}  # the settings it was trained with: a record, never read back
+
+
+LEGACY_RERANK_REASON = "stored before the rerank rule: rerank off"
+
+
+def _legacy_bundle(raw: dict) -> BundleConfig:
+    """v0 (bundles stored before typed folders): the same keys untyped, any of them missing."""
+    known = {k: v for k, v in raw.items() if k in BundleConfig.model_fields}
+    return BundleConfig(
+        **{
+            **known,
+            "format_version": 1,
+            "rerank_default": raw.get("rerank_default", False),
+            "rerank_reason": raw.get("rerank_reason") or LEGACY_RERANK_REASON,
+        }
+    )
+
+
+def bundle_config(model) -> BundleConfig:
+    """A stored model's config; ModelError naming the model when it is invalid or from a newer rsllm."""
+    return parse_config(dict(model.info.metadata), BundleConfig, f"model {model.tag}", legacy=_legacy_bundle)
+
+
 def save_candidate(parts: dict[str, Path], metadata: dict, labels: dict | None = None) -> str:
     """Save a candidate model: each entry of `parts` (name -> file or folder) is copied in under its
-    name, and the sha256 of every file goes into its metadata (`checksums`, verified on load).
+    name; `metadata` (BundleConfig's fields; checksums and format_version are replaced) is checked
+    before any copy, and the sha256 of every file goes into its config (verified on load).
     Nothing reaches the store unless every copy succeeded."""
     missing = [f"{name} ({path})" for name, path in parts.items() if not Path(path).exists()]
     if missing:
         raise RegistryError(f"cannot package the model, missing: {', '.join(missing)}")
-    with bentoml.models.create(MODEL_NAME, labels=labels or {}, metadata=_jsonable(metadata)) as model:
+    fields = {**metadata, "format_version": BundleConfig.FORMAT_VERSION, "checksums": {}}
+    draft = parse_config(fields, BundleConfig, f"{MODEL_NAME} candidate metadata")
+    with bentoml.models.create(MODEL_NAME, labels=labels or {}) as model:
         for name, path in parts.items():
             target = Path(model.path) / name
             if Path(path).is_dir():
@@ -78,7 +119,8 @@ def save_candidate(parts: dict[str, Path], metadata: dict, labels: dict | None =
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
-        model.info.metadata[CHECKSUMS] = bundle_checksums(Path(model.path))  # written when the model is saved
+        config = draft.model_copy(update={"checksums": bundle_checksums(Path(model.path))})
+        model.info.metadata.update(_jsonable(config.model_dump(mode="json")))  # model.yaml is written on exit
     return str(model.tag)
 
 
@@ -97,7 +139,7 @@ def verify_model(model) -> bool:
     True when every file matches; False for a legacy bundle stored without checksums; RegistryError
     naming the file when one was changed, removed or added.
     """
-    expected = model.info.metadata.get(CHECKSUMS)
+    expected = bundle_config(model).checksums
     if not expected:
         return False
     folder = Path(model.path)
@@ -159,11 +201,12 @@ def promote(tag: str, repo: Path = Path("."), *, action: str = "promote", **info
     """
     with repo_lock(repo, "promote"):
         model = _get(tag)
+        config = bundle_config(model)  # a bundle from a newer rsllm is refused before the pointer moves
         stack = _after(promotion_stack(repo), str(model.tag), action)
         pointer = {
             "model_tag": str(model.tag),
-            "base_tag": model.info.metadata.get("base_tag"),
-            "data_version": model.info.metadata.get("data_version"),
+            "base_tag": config.base_tag or None,
+            "data_version": config.data_version,
             "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "previous": stack[-2] if len(stack) > 1 else None,
             "action": action,
@@ -239,15 +282,15 @@ def list_models(repo: Path = Path(".")) -> list[dict]:
     production = _current_tag(repo)
     rows = []
     for model in sorted(_list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True):
-        meta = model.info.metadata
+        config = bundle_config(model)
         rows.append(
             {
                 "tag": str(model.tag),
                 "created": model.info.creation_time.isoformat(timespec="seconds"),
                 "production": str(model.tag) == production,
-                "data_version": meta.get("data_version"),
-                "metrics": meta.get("metrics", {}),
-                "git_commit": meta.get("git_commit"),
+                "data_version": config.data_version,
+                "metrics": config.metrics,
+                "git_commit": config.git_commit,
             }
         )
     return rows
@@ -264,7 +307,8 @@ def gc(repo: Path = Path("."), keep: int = 3) -> list[str]:
             if str(model.tag) not in protected:
                 bentoml.models.delete(model.tag)
                 deleted.append(str(model.tag))
-        used = {m.info.metadata.get("base_tag") for m in _list(MODEL_NAME)} | {pointer.get("base_tag")}
+        # a bundle this rsllm cannot read (newer format) stops gc: its base might still be in use
+        used = {bundle_config(m).base_tag for m in _list(MODEL_NAME)} | {pointer.get("base_tag")}
         for base in _list(BASE_NAME):
             if str(base.tag) not in used:
                 bentoml.models.delete(base.tag)
@@ -346,7 +390,7 @@ def promote_candidate(repo: Path) -> dict:
         "git_commit": git_commit(repo),
         "base_tag": base_tag,
         "rerank_default": bool(gate.get("rerank", False)),
-        "rerank_reason": gate.get("rerank_reason", ""),
+        "rerank_reason": gate.get("rerank_reason") or "",
         "profile": settings.profile,
         "params": settings.model_dump(mode="json", by_alias=True),
     }

@@ -8,6 +8,7 @@ onto today's item_idx first (remap_stage)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -30,12 +31,13 @@ def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.D
     """
     from safetensors.torch import load_file, save_file
 
-    from components.recommender import MODEL_FORMAT
+    from components.llm.loading import load_stage_config, save_stage_config
+    from components.recommender import MODEL_FORMAT, load_sasrec_config, save_sasrec_config
 
     shutil.copytree(stage_dir, out)
     table = load_file(str(stage_dir / "item_embeddings.safetensors"))["item_embeddings"]
-    cfg = json.loads((out / "config.json").read_text())
-    old_cold = set(cfg.get("cold_items", []))  # rows the stored model has no training data for
+    cfg = load_stage_config(out)  # a v0 folder is read through the legacy reader and saved typed
+    old_cold = set(cfg.cold_items)  # rows the stored model has no training data for
     old_idx = dict(zip(model_items["item_id"].astype(str), model_items["item_idx"], strict=True))
     size = int(prepared_items["item_idx"].max())
     new = table.new_zeros((size + 1, table.shape[1]))
@@ -53,14 +55,14 @@ def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.D
         weights = load_file(str(out / "sasrec" / "model.safetensors"))
         weights["item_emb.weight"] = new.to(weights["item_emb.weight"].dtype).contiguous()
         save_file(weights, str(out / "sasrec" / "model.safetensors"), metadata={"format": MODEL_FORMAT})
-        sasrec_cfg = json.loads((out / "sasrec" / "config.json").read_text())
-        sasrec_cfg["model"]["n_items"] = size
-        (out / "sasrec" / "config.json").write_text(json.dumps(sasrec_cfg, indent=2))
+        sasrec_cfg = load_sasrec_config(out / "sasrec")
+        model = dataclasses.replace(sasrec_cfg.model, n_items=size)
+        save_sasrec_config(
+            out / "sasrec", sasrec_cfg.model_copy(update={"model": model, "format_version": 1})
+        )
         mapping = {str(i): item_id for i, item_id in sorted(known.items())}
         (out / "sasrec" / "items.json").write_text(json.dumps(mapping, indent=1) + "\n")
-    cfg["n_id_items"] = size
-    cfg["cold_items"] = sorted(cold)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_stage_config(out, cfg.model_copy(update={"n_id_items": size, "cold_items": sorted(cold)}))
     return out
 
 

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from components.errors import ModelError
-from components.llm.loading import LEGACY, load_ranker, make_builder
+from components.llm.loading import PLAIN, RankerConfig, load_ranker, make_builder
 from components.llm.model import RsllmModel
 from components.llm.prompts import Prompt, PromptBuilder
 
@@ -225,19 +225,19 @@ def map_to_candidate(text: str, candidates: Sequence[int], titles: Sequence[str]
 def score_users(
     model: RsllmModel,
     builder: PromptBuilder,
-    cfg: dict,
+    cfg: RankerConfig,
     histories: Sequence[Sequence[int]],
     candidates: Sequence[Sequence[int]],
     prefixes: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, list[Prompt], list]:
-    """Scores [B, C] of a batch of users' candidates, in the model's ranking mode (cfg["rank"]).
+    """Scores [B, C] of a batch of users' candidates, in the model's ranking mode (cfg.rank).
 
     histories: the prompt's history (already cut to history_len); prefixes: what SASRec's user vector
     reads for `[USER]` (default: the history). Returns (scores, prompts, answers or None)."""
     prompts = [builder.prompt(h, c) for h, c in zip(histories, candidates, strict=True)]
-    enc = cfg.get("user_encoder")
+    enc = cfg.user_encoder
     vecs = enc(prefixes if prefixes is not None else histories) if enc is not None else None
-    if cfg["rank"] == "head":
+    if cfg.rank == "head":
         return score_head(model, prompts, vecs), prompts, None
     answers = [[builder.answer_ids(int(c)) for c in cands] for cands in candidates]
     return score_block(model, prompts, answers, vecs), prompts, answers
@@ -249,7 +249,7 @@ def rank_users(
     rows: pd.DataFrame,
     *,
     history_len: int,
-    cfg: dict | None = None,
+    cfg: RankerConfig | None = None,
     batch_users: int = 1,
     generation: bool = False,
     max_new_tokens: int = 32,
@@ -264,7 +264,7 @@ def rank_users(
     """
     from rich.progress import Progress
 
-    cfg = cfg or {**LEGACY, "user_encoder": None}
+    cfg = cfg or PLAIN
     titles = builder.titles
     records = []
     todo = rows.reset_index(drop=True)
@@ -294,7 +294,7 @@ def rank_users(
                     # a text longer than every candidate title cannot be one: stop there
                     longest = max(len(builder.answer_ids(c)) for c in cands) + 1
                     limit = min(max_new_tokens, longest)
-                    enc = cfg.get("user_encoder")
+                    enc = cfg.user_encoder
                     vec = enc([prefixes[b] if prefixes else hists[b]])[0] if enc is not None else None
                     gen = generate(model, prompts[b], limit, builder.eos_id, [builder.item_token_id], vec)
                     text = builder.tok.decode(gen, skip_special_tokens=True)
@@ -354,9 +354,9 @@ def evaluate_split(
         if users:
             rows = rows.head(users)
     model, tok, cfg = load_ranker(base_dir, stage_dir, device, dtype, rank)
-    if cfg["user_token"] and "prefix" not in rows:
+    if cfg.stage.user_token and "prefix" not in rows:
         rows = with_prefixes(rows, prepared, split)
-    hist_len = cfg["history_len"] or int(max(len(h) for h in rows["history"]))
+    hist_len = cfg.stage.history_len or int(max(len(h) for h in rows["history"]))
     builder = make_builder(tok, read_titles(prepared), cfg)
     kw = {"cfg": cfg, "history_len": hist_len, "batch_users": batch_users, "progress": progress}
     parts = [

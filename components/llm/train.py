@@ -13,6 +13,7 @@ Checkpoints (trainable weights + AdamW state as safetensors, progress as JSON) g
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import shutil
@@ -30,6 +31,7 @@ from components.io import atomic_dir, write_json_atomic
 from components.llm.base import llm_dtype, load_base
 from components.llm.checkpoints import latest_checkpoint, load_checkpoint, run_key, save_checkpoint
 from components.llm.head_init import init_from_recommender
+from components.llm.loading import StageFolder, save_stage_config
 from components.llm.model import (
     Projector,
     RsllmModel,
@@ -368,22 +370,23 @@ def write_outputs(
     llm_s = settings.llm
     with atomic_dir(Path(out_dir)) as tmp:
         model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True, save_embedding_layers=False)
-        config = {
-            "stage": stage,
-            "prompt_format": PROMPT_FORMAT,
-            "rank": llm_s.rank,
-            "user_token": model.user_projector is not None,
-            "prompt_titles": builder.titles_in_prompt,
-            "mode": "unified" if model.unified else "text",
-            "base_dir": str(base_dir),
-            "history_len": llm_s.history_len,
-            "max_prompt_tokens": builder.max_prompt_tokens,
-            "n_id_items": builder.n_id_items,
-            "cold_items": sorted(builder.cold_items),  # table rows without training data: title only
-            "seed": settings.seed,
-            "llm": llm_s.model_dump(mode="json"),
-            "train": summary,
-        }
+        config = dict(
+            format_version=1,
+            stage=stage,
+            prompt_format=PROMPT_FORMAT,
+            rank=llm_s.rank,
+            user_token=model.user_projector is not None,
+            prompt_titles=builder.titles_in_prompt,
+            mode="unified" if model.unified else "text",
+            base_dir=str(base_dir),
+            history_len=llm_s.history_len,
+            max_prompt_tokens=builder.max_prompt_tokens,
+            n_id_items=builder.n_id_items,
+            cold_items=sorted(builder.cold_items),  # table rows without training data: title only
+            seed=settings.seed,
+            llm=llm_s.model_dump(mode="json"),
+            train=json.loads(json.dumps(summary, default=str)),  # a record: numpy numbers as JSON
+        )
         if model.unified:
             save_projector(model.projector, tmp / "projector.safetensors")
             save_file(
@@ -395,5 +398,5 @@ def write_outputs(
         if model.user_projector is not None:
             save_projector(model.user_projector, tmp / "user_projector.safetensors")
             shutil.copytree(sasrec_dir, tmp / "sasrec")  # the user vectors' encoder travels with the model
-        write_json_atomic(tmp / "config.json", config)
+        save_stage_config(tmp, StageFolder(**config))
         write_json_atomic(tmp / "train_log.json", log)

@@ -14,7 +14,6 @@ N the model has never seen (cold: title only, never retrieved).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,17 +137,17 @@ class Encoder:
     """The ONNX ID encoder and its item table, read once; top-k over the whole table in numpy."""
 
     def __init__(self, onnx_dir: Path, rows: int, threads: int = 1):
-        from components.export import INPUT, make_session, onnx_providers
+        from components.export import META, load_onnx_config, make_session, onnx_providers
 
-        meta_path = onnx_dir / "meta.json"
-        if not meta_path.exists():
-            raise ModelError(f"{meta_path}: not found (the stored model lacks its ONNX encoder)")
-        meta = json.loads(meta_path.read_text())
-        self.max_len = int(meta["input"]["max_length"])
-        self.input = INPUT
+        if not (onnx_dir / META).exists():
+            raise ModelError(f"{onnx_dir / META}: not found (the stored model lacks its ONNX encoder)")
+        meta = load_onnx_config(onnx_dir)
+        self.max_len = meta.max_length
+        self.input = meta.input
         self.session = make_session(onnx_dir / "encoder.onnx", threads, onnx_providers())
         self.providers = self.session.get_providers()
-        _, table = self.session.run(["user_vector", "item_embeddings"], {INPUT: np.ones((1, 1), np.int64)})
+        probe = {self.input: np.ones((1, 1), np.int64)}
+        _, table = self.session.run(["user_vector", "item_embeddings"], probe)
         if table.shape[0] != rows:
             raise ModelError(
                 f"{onnx_dir}: item table has {table.shape[0] - 1} items, items.parquet's index {rows - 1}"
@@ -205,15 +204,18 @@ class Reranker:
         from components.llm.loading import load_ranker, make_builder
 
         self.model, self.tok, self.cfg = load_ranker(base_dir, stage_dir, device, dtype)
-        self.dtype = self.cfg["dtype"]
-        if self.cfg["n_id_items"] > catalogue.rows - 1:
+        stage = self.cfg.stage
+        self.dtype = self.cfg.dtype
+        if stage.n_id_items > catalogue.rows - 1:
             raise ModelError(
-                f"{stage_dir}: LLM has {self.cfg['n_id_items']} ID items, "
+                f"{stage_dir}: LLM has {stage.n_id_items} ID items, "
                 f"items.parquet's index {catalogue.rows - 1}"
             )
-        self.history_len = int(self.cfg["history_len"] or 10)
-        self.mode = self.cfg["mode"]
-        self.rank_mode = self.cfg["rank"]
+        if stage.history_len is None:
+            raise ModelError(f"{stage_dir}/config.json: history_len missing (a stage folder always has one)")
+        self.history_len = stage.history_len
+        self.mode = stage.mode
+        self.rank_mode = self.cfg.rank
         self.catalogue = catalogue
         self.device = str(self.model.item_table.device)
         self.builder = make_builder(self.tok, catalogue.titles, self.cfg)

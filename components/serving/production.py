@@ -1,6 +1,6 @@
 """Which stored model the service loads: read once, when the service module is imported.
 
-Order: $RSLLM_MODEL_TAG (and $RSLLM_BASE_TAG, else the model's metadata `base_tag`) -> the production pointer
+Order: $RSLLM_MODEL_TAG (and $RSLLM_BASE_TAG, else the model's config `base_tag`) -> the production pointer
 $RSLLM_REPO/models/registry/production.json (RSLLM_REPO defaults to the working directory) -> inside a
 built bento ($BENTO_PATH set) with neither, the one `rsllm` model packed into it. A promotion therefore
 takes effect when the service restarts; a running service never changes model.
@@ -52,8 +52,9 @@ def resolve() -> Production:
                 "or RSLLM_REPO to the folder holding models/registry/production.json)"
             )
     model = registry.get_model(tag)
-    base = os.environ.get("RSLLM_BASE_TAG") or model.info.metadata.get("base_tag")
+    config = registry.bundle_config(model)  # ModelError, before anything loads, for a newer or invalid bundle
+    base = os.environ.get("RSLLM_BASE_TAG") or config.base_tag
     if not base:
-        raise RegistryError(f"model {tag}: metadata has no base_tag; set RSLLM_BASE_TAG")
+        raise RegistryError(f"model {tag}: its config has no base_tag; set RSLLM_BASE_TAG")
     registry.get_model(base)  # fail now, naming the store, when the base is missing
     return Production(str(model.tag), str(bentoml.models.get(base).tag), source)

@@ -95,19 +95,20 @@ class RsllmService:
         threads = SETTINGS.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
         torch.set_num_threads(threads)
         model, base = self.model_ref, self.base_ref
+        # ModelError (the service does not start) when the bundle is from a newer rsllm or invalid
+        config = registry.bundle_config(model)
         verified = registry.verify_model(model)  # RegistryError naming a changed file; False: no checksums
-        meta = model.info.metadata
         info = {
             "model_version": str(model.tag),
             "base_version": str(base.tag),
-            "data_version": meta.get("data_version"),
+            "data_version": config.data_version,
             "created": model.info.creation_time.isoformat(timespec="seconds"),
-            "git_commit": meta.get("git_commit"),
-            "profile": meta.get("profile"),
-            "metrics": meta.get("metrics", {}),
-            # bundles from before the rerank rule carry no default: retrieval only
-            "rerank_default": bool(meta.get("rerank_default", False)),
-            "rerank_reason": meta.get("rerank_reason") or "stored before the rerank rule: rerank off",
+            "git_commit": config.git_commit,
+            "profile": config.profile,
+            "metrics": config.metrics,
+            # bundles from before the rerank rule carry no default: retrieval only (bundle_config's v0)
+            "rerank_default": config.rerank_default,
+            "rerank_reason": config.rerank_reason,
             "source": PRODUCTION.source,
             "verified": verified,
         }
@@ -122,7 +123,7 @@ class RsllmService:
         max_batch = SETTINGS.rerank_batch or (8 if cuda else 1)
         self.queue = BatchQueue(self.engine.reranker.score_jobs, max_batch, SETTINGS.llm_queue)
         self.version = str(model.tag)
-        self.data_version = meta.get("data_version")
+        self.data_version = config.data_version
         self._warm_up()
         logger.info(
             "serving %s (base %s, data %s) from %s: %d encoder items, %d catalogue items, LLM on %s "

@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.llm.loading import load_stage_config
 from components.rescore import remap_stage
 
 
@@ -24,8 +25,8 @@ def test_stored_stage_follows_the_new_item_index_and_lists_unknown_items_as_cold
     assert remapped.shape == (5, 2)
     assert torch.equal(remapped[1], table[3]) and torch.equal(remapped[3], table[1])
     assert torch.equal(remapped[4], table[2]) and torch.equal(remapped[2], torch.zeros(2))
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["n_id_items"] == 4 and cfg["cold_items"] == [2]
+    cfg = load_stage_config(out)  # the v0 config (no format_version) was read by the legacy reader
+    assert cfg.n_id_items == 4 and cfg.cold_items == [2] and cfg.mode == "unified"
     original = load_file(str(stage / "item_embeddings.safetensors"))["item_embeddings"]
     assert original.shape == (4, 2)  # the stored model is untouched
 

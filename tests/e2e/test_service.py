@@ -179,7 +179,7 @@ def test_cold_items_are_rendered_by_title_alone(promoted):
     )
     idx, cold = engine.parse_history(["i3", "901", "i4", UNTRAINED])
     assert cold == ["901", UNTRAINED]
-    assert engine.reranker.cfg["cold_items"] == [41]  # stage 2 wrote its untrained rows
+    assert engine.reranker.cfg.stage.cold_items == [41]  # stage 2 wrote its untrained rows
     hist, cands, prefix = engine.reranker.job(
         idx, [engine.catalogue.index["902"], engine.catalogue.index["i9"]]
     )

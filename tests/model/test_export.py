@@ -14,7 +14,14 @@ import torch
 from components import export
 from components.config import ExportSettings
 from components.errors import ExportError
-from components.export import OUTPUTS, check_parity, export_onnx, make_session, onnx_providers
+from components.export import (
+    OUTPUTS,
+    check_parity,
+    export_onnx,
+    load_onnx_config,
+    make_session,
+    onnx_providers,
+)
 from components.recommender import load_sasrec, model_config, pad_left, save_model
 from components.sasrec import SASRec
 from tests.model.sasrec_fixtures import N_ITEMS, small_settings, write_prepared
@@ -38,10 +45,11 @@ def exported(tmp_path_factory) -> dict:
 def test_export_writes_the_graph_and_its_description(exported):
     out = exported["tmp"] / "onnx"
     assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx", "items.json", "meta.json"]
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["input"]["name"] == "item_ids" and meta["input"]["max_length"] == 16
-    assert meta["outputs"] == {"user_vector": ["batch", 32], "item_embeddings": [N_ITEMS + 1, 32]}
-    assert meta["parity"]["max_abs_diff_user_vector"] <= 1e-4
+    assert json.loads((out / "meta.json").read_text())["format_version"] == 1
+    meta = load_onnx_config(out)
+    assert meta.input == "item_ids" and meta.max_length == 16
+    assert (meta.n_items, meta.hidden) == (N_ITEMS, 32)
+    assert meta.parity["max_abs_diff_user_vector"] <= 1e-4
     assert exported["summary"]["parity"]["tolerance"] == 1e-4
     assert not list(exported["tmp"].glob(".onnx.tmp-*"))  # the temp folder was renamed into place
 

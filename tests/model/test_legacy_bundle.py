@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from components.llm.loading import load_ranker, make_builder
+from components.llm.loading import load_ranker, load_stage_config, make_builder
 from components.llm.rank import score_users
 from components.rescore import production_stage
 from components.serving.engine import Engine
@@ -69,8 +69,9 @@ def test_a_v0_bundle_is_remapped_onto_the_stable_index_and_scores_the_same(bundl
     before = scores(bundle / "llm", old, hist, cands)
     after = scores(stage, now, [to_new[i] for i in hist], [to_new[i] for i in cands])
     torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
-    cfg = json.loads((stage / "config.json").read_text())
-    assert cfg["n_id_items"] == 41 and cfg["cold_items"] == [1]  # the item the bundle never saw
+    cfg = load_stage_config(stage)  # the v0 folder, remapped, is saved typed
+    assert cfg.n_id_items == 41 and cfg.cold_items == [1]  # the item the bundle never saw
+    assert json.loads((stage / "config.json").read_text())["format_version"] == 1
     mapping = json.loads((stage / "sasrec" / "items.json").read_text())  # its [USER] encoder follows
     assert {int(k): v for k, v in mapping.items()} == dict(zip(new_idx.tolist(), old["item_id"], strict=True))
 
@@ -84,7 +85,7 @@ def test_a_stored_stage_reads_items_newer_than_its_tables_as_cold(bundle):
     builder = make_builder(tok, titles, cfg)
     prompt = builder.prompt([3, 41, 4], [42, 7])
     assert prompt.item_idx == [3, 4, 7] and len(prompt.cand_pos) == 2
-    enc = cfg["user_encoder"]
+    enc = cfg.user_encoder
     torch.testing.assert_close(enc([[3, 41, 4, 42]]), enc([[3, 4]]))
     scores, _, _ = score_users(model, builder, cfg, [[3, 41, 4]], [[42, 7]], [[3, 41, 4]])
     assert torch.isfinite(scores).all() and scores.shape == (1, 2)

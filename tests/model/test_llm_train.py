@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from components.llm.checkpoints import latest_checkpoint
+from components.llm.loading import load_stage_config
 from components.llm.model import export_projected
 from components.llm.rank import evaluate_split, ranks_from
 from components.llm.train import train_stage
@@ -72,6 +73,7 @@ def test_two_stages_write_outputs_and_evaluate(inputs, tmp_path):
     assert not (tmp_path / "s1" / "projector.safetensors").exists()
     cfg = json.loads((tmp_path / "s2" / "config.json").read_text())
     assert cfg["mode"] == "unified" and cfg["projector"]["d_in"] == 8 and cfg["n_id_items"] == 40
+    assert cfg["format_version"] == 1 and load_stage_config(tmp_path / "s2").n_id_items == 40
     log = json.loads((tmp_path / "s2" / "train_log.json").read_text())
     assert len(log) == two["steps"] and all(r["id_text"] > 0 and r["user_item"] > 0 for r in log)
     # stage 2 started from stage 1's adapter: same keys, and training moved it

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from components import registry
-from components.errors import RegistryError
+from components.errors import ModelError, RegistryError
+from components.registry import BundleConfig
+from components.serving import production
 
 
 def candidate_parts(folder: Path, seed: int, size: int = 1000) -> dict[str, Path]:
@@ -167,6 +169,120 @@ def test_a_legacy_bundle_without_checksums_loads_unverified(tmp_path):
     with bentoml.models.create(registry.MODEL_NAME, metadata={"metrics": {}}) as model:
         (Path(model.path) / "items.json").write_text("{}")
     assert registry.verify_model(bentoml.models.get(model.tag)) is False
+
+
+@pytest.fixture
+def stored():
+    """Store a bundle with raw metadata, as an older or a newer rsllm wrote it; deleted afterwards
+    (the store is shared by the session, and an unreadable bundle there would stop `gc`)."""
+    tags = []
+
+    def store(metadata: dict):
+        with bentoml.models.create(registry.MODEL_NAME, metadata=metadata) as model:
+            (Path(model.path) / "items.json").write_text("{}")
+        tags.append(model.tag)
+        return bentoml.models.get(model.tag)
+
+    yield store
+    for tag in tags:
+        bentoml.models.delete(tag)
+
+
+def test_the_bundle_config_round_trips_typed(tmp_path):
+    repo = tmp_path / "repo"
+    metadata = {
+        "metrics": {"hr@1": 1, "ndcg@10": 0.25},  # an int metric comes back a float
+        "data_version": None,  # dropped from model.yaml (BentoML takes no None), read back as None
+        "git_commit": "abc123",
+        "base_tag": "rsllm-base:b1",
+        "rerank_default": True,
+        "rerank_reason": "rerank 0.30 vs retrieval 0.25",
+        "profile": "test",
+        "params": {"seed": 7, "llm": {"lora": {"r": 8}}},
+    }
+    tag = registry.save_candidate(candidate_parts(tmp_path / "rt", 70), metadata)
+    model = bentoml.models.get(tag)  # read back from the store's model.yaml
+    config = registry.bundle_config(model)
+    sums = model.info.metadata["checksums"]
+    assert set(sums) == {"onnx/encoder.onnx", "items.json"}
+    assert config == BundleConfig(
+        format_version=1, checksums=sums, **{**metadata, "metrics": {"hr@1": 1.0, "ndcg@10": 0.25}}
+    )
+    assert model.info.metadata["format_version"] == 1 and "data_version" not in model.info.metadata
+    assert isinstance(config.metrics["hr@1"], float) and config.data_version is None
+    assert registry.verify_model(model) is True
+    pointer = registry.promote(tag, repo)
+    assert pointer["base_tag"] == "rsllm-base:b1" and pointer["data_version"] is None
+    row = next(r for r in registry.list_models(repo) if r["tag"] == tag)
+    assert row["metrics"] == {"hr@1": 1.0, "ndcg@10": 0.25} and row["git_commit"] == "abc123"
+
+
+def test_save_candidate_replaces_stale_checksums_and_version(tmp_path):
+    """Metadata copied from a stored bundle (checksums, format_version) is re-checksummed."""
+    tag = registry.save_candidate(
+        candidate_parts(tmp_path / "s", 71), {"format_version": 1, "checksums": {"gone.bin": "0" * 64}}
+    )
+    model = bentoml.models.get(tag)
+    assert set(registry.bundle_config(model).checksums) == {"onnx/encoder.onnx", "items.json"}
+    assert registry.verify_model(model) is True
+
+
+def test_a_v0_bundle_loads_with_the_legacy_defaults(stored):
+    old = {  # the untyped dict of bundles stored before typed folders: no format_version, no rerank rule
+        "metrics": {"hr@1": 0.2},
+        "data_version": "data/v1",
+        "git_commit": "abc",
+        "base_tag": "rsllm-base:old",
+        "profile": "test",
+        "params": {"seed": 1},
+    }
+    config = registry.bundle_config(stored(old))
+    assert config == BundleConfig(
+        format_version=1,
+        checksums={},
+        rerank_default=False,
+        rerank_reason="stored before the rerank rule: rerank off",
+        **old,
+    )
+    assert registry.verify_model(stored(old)) is False  # no checksums: loads unverified
+    later = registry.bundle_config(stored({"rerank_default": True, "rerank_reason": "better", "extra": 1}))
+    assert later.rerank_default is True and later.rerank_reason == "better"  # kept; unknown v0 keys dropped
+    assert later.base_tag == "" and later.metrics == {} and later.git_commit is None
+
+
+def test_a_bundle_from_a_newer_rsllm_is_refused(stored, tmp_path, monkeypatch):
+    model = stored({"format_version": 99, "kind": "bundle", "something_new": {"x": 1}})
+    for read in (registry.bundle_config, registry.verify_model):
+        with pytest.raises(
+            ModelError, match=f"model {model.tag}: format_version 99 was written by a newer rsllm"
+        ):
+            read(model)
+    with pytest.raises(ModelError, match="newer"):
+        registry.promote(str(model.tag), tmp_path / "repo")
+    assert registry.read_production(tmp_path / "repo") is None  # the pointer never moved
+    # the service resolves its model at import: it refuses to start, even with the base tag given
+    monkeypatch.setenv("RSLLM_MODEL_TAG", str(model.tag))
+    monkeypatch.setenv("RSLLM_BASE_TAG", "rsllm-base:any")
+    with pytest.raises(ModelError, match="newer"):
+        production.resolve()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"rerank_default": "yes please"}, "rerank_default"),
+        ({"metrics": {"hr@1": "x"}}, r"metrics\.hr@1"),
+        ({"surprise": 1}, "surprise: unknown field"),
+    ],
+)
+def test_a_wrong_field_is_a_model_error_naming_it(stored, tmp_path, fields, field):
+    model = stored({"format_version": 1, **fields})
+    with pytest.raises(ModelError, match=f"model {model.tag}: .*{field}"):
+        registry.bundle_config(model)
+    before = {str(m.tag) for m in bentoml.models.list(registry.MODEL_NAME)}
+    with pytest.raises(ModelError, match=f"candidate metadata: .*{field}"):  # refused before any copy
+        registry.save_candidate(candidate_parts(tmp_path / "w", 72), fields)
+    assert {str(m.tag) for m in bentoml.models.list(registry.MODEL_NAME)} == before
 
 
 PROMOTE_LOOP = """
