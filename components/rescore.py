@@ -31,7 +31,7 @@ def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.D
     """
     from safetensors.torch import load_file, save_file
 
-    from components.llm.loading import load_stage_config, save_stage_config
+    from components.llm.stage_folder import load_stage_config, save_stage_config
     from components.recommender import MODEL_FORMAT, load_sasrec_config, save_sasrec_config
 
     shutil.copytree(stage_dir, out)

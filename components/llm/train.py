@@ -31,7 +31,6 @@ from components.io import atomic_dir, write_json_atomic
 from components.llm.base import llm_dtype, load_base
 from components.llm.checkpoints import latest_checkpoint, load_checkpoint, run_key, save_checkpoint
 from components.llm.head_init import init_from_recommender
-from components.llm.loading import StageFolder, save_stage_config
 from components.llm.model import (
     Projector,
     RsllmModel,
@@ -47,6 +46,7 @@ from components.llm.model import (
 from components.llm.optim import lr_at, param_groups
 from components.llm.prompts import PromptBuilder
 from components.llm.samples import collate, read_titles, trained_pool, training_samples, user_vectors
+from components.llm.stage_folder import StageFolder, save_stage_config
 
 PROMPT_FORMAT = 3  # components.llm.prompts: a marker after every candidate, canonical order, `[USER]` last
 

@@ -14,7 +14,7 @@ import torch
 from components.errors import ModelError
 from components.export import load_onnx_config
 from components.folders import save_config
-from components.llm.loading import load_stage_config
+from components.llm.stage_folder import load_stage_config
 from components.recommender import load_sasrec, load_sasrec_config, save_model
 from components.sasrec import SASRec, SASRecConfig
 

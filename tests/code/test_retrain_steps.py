@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.llm.loading import load_stage_config
+from components.llm.stage_folder import load_stage_config
 from components.rescore import remap_stage
 
 

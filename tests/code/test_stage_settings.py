@@ -75,13 +75,15 @@ def test_llm_stages_list_every_llm_module_train_imports():
             todo += imports(m)
     needed = {m.replace(".", "/") + ".py" for m in seen}
     # and the modules outside llm/ it calls into: samples.py -> prepare.sample_candidates (negatives),
-    # user_vectors / the SASRec item table -> recommender.py, sasrec.py
+    # user_vectors / the SASRec item table -> recommender.py, sasrec.py; the folders' schema -> folders.py
     needed |= {"components/prepare.py", "components/recommender.py", "components/sasrec.py"}
+    needed |= {"components/folders.py"}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in ("llm_stage1", "llm_stage2"):
         deps = set(stages[name]["deps"])
         assert needed <= deps, f"{name} lacks {sorted(needed - deps)}"
         assert "components/llm/rank.py" not in deps and "components/llm" not in deps
+        assert "components/llm/loading.py" not in deps  # serving-side loading never retrains
 
 
 def _stale(project: Path) -> set[str]:

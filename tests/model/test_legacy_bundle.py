@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from components.llm.loading import load_ranker, load_stage_config, make_builder
+from components.llm.loading import load_ranker, make_builder
 from components.llm.rank import score_users
+from components.llm.stage_folder import load_stage_config
 from components.rescore import production_stage
 from components.serving.engine import Engine
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from components.llm.checkpoints import latest_checkpoint
-from components.llm.loading import load_stage_config
 from components.llm.model import export_projected
 from components.llm.rank import evaluate_split, ranks_from
+from components.llm.stage_folder import load_stage_config
 from components.llm.train import train_stage
 from tests.model.llm_fixtures import (
     ROOT,
