@@ -370,33 +370,31 @@ def write_outputs(
     llm_s = settings.llm
     with atomic_dir(Path(out_dir)) as tmp:
         model.llm.save_pretrained(str(tmp / "adapter"), safe_serialization=True, save_embedding_layers=False)
-        config = dict(
-            format_version=1,
-            stage=stage,
-            prompt_format=PROMPT_FORMAT,
-            rank=llm_s.rank,
-            user_token=model.user_projector is not None,
-            prompt_titles=builder.titles_in_prompt,
-            mode="unified" if model.unified else "text",
-            base_dir=str(base_dir),
-            history_len=llm_s.history_len,
-            max_prompt_tokens=builder.max_prompt_tokens,
-            n_id_items=builder.n_id_items,
-            cold_items=sorted(builder.cold_items),  # table rows without training data: title only
-            seed=settings.seed,
-            llm=llm_s.model_dump(mode="json"),
-            train=json.loads(json.dumps(summary, default=str)),  # a record: numpy numbers as JSON
-        )
         if model.unified:
             save_projector(model.projector, tmp / "projector.safetensors")
-            save_file(
-                {"item_embeddings": model.item_table.detach().float().cpu().contiguous()},
-                str(tmp / "item_embeddings.safetensors"),
-            )
-            config["projector"] = model.projector.config()
+            table = model.item_table.detach().float().cpu().contiguous()
+            save_file({"item_embeddings": table}, str(tmp / "item_embeddings.safetensors"))
         save_head(model.head, tmp / "head.safetensors")
         if model.user_projector is not None:
             save_projector(model.user_projector, tmp / "user_projector.safetensors")
             shutil.copytree(sasrec_dir, tmp / "sasrec")  # the user vectors' encoder travels with the model
-        save_stage_config(tmp, StageFolder(**config))
+        config = StageFolder(
+            format_version=1,
+            stage=stage,
+            mode="unified" if model.unified else "text",
+            prompt_format=PROMPT_FORMAT,
+            rank=llm_s.rank,
+            user_token=model.user_projector is not None,
+            prompt_titles=builder.titles_in_prompt,
+            history_len=llm_s.history_len,
+            max_prompt_tokens=builder.max_prompt_tokens,
+            n_id_items=builder.n_id_items,
+            cold_items=sorted(builder.cold_items),  # table rows without training data: title only
+            base_dir=str(base_dir),
+            seed=settings.seed,
+            projector=model.projector.config() if model.unified else None,
+            llm=llm_s.model_dump(mode="json"),
+            train=json.loads(json.dumps(summary, default=str)),  # a record: numpy numbers as JSON
+        )
+        save_stage_config(tmp, config)
         write_json_atomic(tmp / "train_log.json", log)
