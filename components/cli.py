@@ -343,6 +343,7 @@ def models() -> None:
         table.add_column(col)
     for r in rows:
         metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(r["metrics"].items()) if isinstance(v, float))
+        metrics = f"[red]unreadable: {r['unreadable']}[/red]" if r["unreadable"] else metrics
         table.add_row(r["tag"], r["created"], "*" if r["production"] else "", str(r["data_version"]), metrics)
     Console().print(table)
 

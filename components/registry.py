@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import bentoml
 
-from components.errors import RegistryError
+from components.errors import ModelError, RegistryError
 from components.folders import FolderConfig, parse_config
 from components.io import sha256_of, write_json_atomic
 from components.lock import repo_lock
@@ -282,7 +282,10 @@ def list_models(repo: Path = Path(".")) -> list[dict]:
     production = _current_tag(repo)
     rows = []
     for model in sorted(_list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True):
-        config = bundle_config(model)
+        try:
+            config, problem = bundle_config(model), None
+        except ModelError as e:  # listed all the same: a newer rsllm's bundle must not hide the others
+            config, problem = BundleConfig(format_version=1), str(e)
         rows.append(
             {
                 "tag": str(model.tag),
@@ -291,6 +294,7 @@ def list_models(repo: Path = Path(".")) -> list[dict]:
                 "data_version": config.data_version,
                 "metrics": config.metrics,
                 "git_commit": config.git_commit,
+                "unreadable": problem,
             }
         )
     return rows

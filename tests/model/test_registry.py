@@ -260,6 +260,8 @@ def test_a_bundle_from_a_newer_rsllm_is_refused(stored, tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="newer"):
         registry.promote(str(model.tag), tmp_path / "repo")
     assert registry.read_production(tmp_path / "repo") is None  # the pointer never moved
+    row = next(r for r in registry.list_models(tmp_path / "repo") if r["tag"] == str(model.tag))
+    assert "newer rsllm" in row["unreadable"]  # `rsllm models` still lists it (and the others)
     # the service resolves its model at import: it refuses to start, even with the base tag given
     monkeypatch.setenv("RSLLM_MODEL_TAG", str(model.tag))
     monkeypatch.setenv("RSLLM_BASE_TAG", "rsllm-base:any")
