@@ -84,7 +84,8 @@ def main() -> None:
     add_pipeline_paths(parser)
     parser.add_argument("--users", type=int, default=None, help="users per split (default: llm.eval_users)")
     args = pipeline_paths(parser.parse_args())
-    raw = resolved_params(read_params(args.params))
+    params = read_params(args.params)
+    raw = resolved_params(params)
     if args.users:
         raw = deep_merge(raw, {"llm": {"eval_users": args.users}})
     settings = parse_settings(raw)
@@ -131,7 +132,7 @@ def main() -> None:
                 "w": w,
                 "valid": {"hr@1_at_w": round(hr, 4), "ndcg@5_at_w": round(nd, 4), "hr@1_by_w": valid_curve},
                 "users": n,
-                "profile": settings.profile,
+                "profile": params.get("profile"),
             },
             sort_keys=True,
         )
