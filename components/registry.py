@@ -86,14 +86,8 @@ LEGACY_RERANK_REASON = "stored before the rerank rule: rerank off"
 def _legacy_bundle(raw: dict) -> BundleConfig:
     """v0 (bundles stored before typed folders): the same keys untyped, any of them missing."""
     known = {k: v for k, v in raw.items() if k in BundleConfig.model_fields}
-    return BundleConfig(
-        **{
-            **known,
-            "format_version": 1,
-            "rerank_default": raw.get("rerank_default", False),
-            "rerank_reason": raw.get("rerank_reason") or LEGACY_RERANK_REASON,
-        }
-    )
+    reason = raw.get("rerank_reason") or LEGACY_RERANK_REASON
+    return BundleConfig(**{**known, "format_version": 1, "rerank_reason": reason})
 
 
 def bundle_config(model) -> BundleConfig:
