@@ -69,10 +69,7 @@ def sasrec_candidate_scores(
     model.eval()
     data = load_prepared(prepared)
     prefixes = [data.sequences[int(u)][:-cut] for u in rows["user_idx"]]
-    with torch.no_grad():
-        scores = (
-            model.score_all(torch.from_numpy(pad_left(prefixes, cfg.max_len))).float().numpy()
-        )  # [U, N+1]
+    scores = model.score_all(torch.from_numpy(pad_left(prefixes, cfg.max_len))).float().numpy()  # [U, N+1]
     cands = np.array(rows["candidates"].tolist(), dtype=np.int64)  # [U, C]
     return np.take_along_axis(scores, cands, axis=1)
 

@@ -35,8 +35,6 @@ from components.sasrec import SASRec
 
 ONNX_FORMAT = "rsllm-onnx-encoder/1"  # meta.json's "format" before typed folders (v0)
 INPUT = "item_ids"
-
-
 META = "meta.json"
 
 

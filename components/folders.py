@@ -8,7 +8,8 @@ Every config carries `format_version`. Reading:
 - a field that is missing, unknown or of the wrong type: a ModelError naming the file and the field.
 
 The kinds live beside the code that writes them: `SASRecFolder` (components/recommender.py),
-`StageFolder` (components/llm/loading.py), `BundleConfig` (components/registry.py).
+`StageFolder` (components/llm/stage_folder.py), `OnnxFolder` (components/export.py), `BundleConfig`
+(components/registry.py). `record` makes a free-form record (a training summary) JSON-safe.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ F = TypeVar("F", bound=FolderConfig)
 def save_config(folder: Path, config: FolderConfig, name: str = CONFIG) -> None:
     """Write `folder/name` (atomically) from a typed config."""
     write_json_atomic(Path(folder) / name, config.model_dump(mode="json"))
+
+
+def record(obj: dict | None) -> dict:
+    """A JSON-safe copy of a free-form record kept in a config (numpy numbers, paths -> JSON / str)."""
+    return json.loads(json.dumps(obj or {}, default=str))
 
 
 def parse_config(raw: object, cls: type[F], source: str, legacy: Callable[[dict], F] | None = None) -> F:

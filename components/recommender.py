@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from components.config import SasrecSettings
 from components.errors import ModelError
-from components.folders import FolderConfig, load_config, save_config
+from components.folders import FolderConfig, load_config, record, save_config
 from components.io import atomic_dir, write_json_atomic
 from components.metrics import ranking_metrics, target_ranks
 from components.prepare import Prepared, load_prepared, trained_ids
@@ -296,9 +296,7 @@ def save_model(model: SASRec, item_ids: dict[int, str], out_dir: Path, training:
     with atomic_dir(Path(out_dir)) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": MODEL_FORMAT})
-        config = SASRecFolder(
-            format_version=1, model=model.cfg, training=json.loads(json.dumps(training or {}, default=str))
-        )
+        config = SASRecFolder(format_version=1, model=model.cfg, training=record(training))
         save_sasrec_config(tmp, config)
         mapping = {str(i): item_id for i, item_id in sorted(item_ids.items())}
         (tmp / "items.json").write_text(json.dumps(mapping, indent=1) + "\n")

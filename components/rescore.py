@@ -57,9 +57,7 @@ def remap_stage(stage_dir: Path, model_items: pd.DataFrame, prepared_items: pd.D
         save_file(weights, str(out / "sasrec" / "model.safetensors"), metadata={"format": MODEL_FORMAT})
         sasrec_cfg = load_sasrec_config(out / "sasrec")
         model = dataclasses.replace(sasrec_cfg.model, n_items=size)
-        save_sasrec_config(
-            out / "sasrec", sasrec_cfg.model_copy(update={"model": model, "format_version": 1})
-        )
+        save_sasrec_config(out / "sasrec", sasrec_cfg.model_copy(update={"model": model}))
         mapping = {str(i): item_id for i, item_id in sorted(known.items())}
         (out / "sasrec" / "items.json").write_text(json.dumps(mapping, indent=1) + "\n")
     save_stage_config(out, cfg.model_copy(update={"n_id_items": size, "cold_items": sorted(cold)}))

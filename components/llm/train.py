@@ -13,7 +13,6 @@ Checkpoints (trainable weights + AdamW state as safetensors, progress as JSON) g
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import shutil
@@ -27,6 +26,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from components.errors import ModelError
+from components.folders import record
 from components.io import atomic_dir, write_json_atomic
 from components.llm.base import llm_dtype, load_base
 from components.llm.checkpoints import latest_checkpoint, load_checkpoint, run_key, save_checkpoint
@@ -394,7 +394,7 @@ def write_outputs(
             seed=settings.seed,
             projector=model.projector.config() if model.unified else None,
             llm=llm_s.model_dump(mode="json"),
-            train=json.loads(json.dumps(summary, default=str)),  # a record: numpy numbers as JSON
+            train=record(summary),  # numpy numbers as JSON
         )
         save_stage_config(tmp, config)
         write_json_atomic(tmp / "train_log.json", log)
