@@ -81,7 +81,9 @@ def main() -> None:
         "rows instead of scoring them again",
     )
     args = pipeline_paths(parser.parse_args())
-    raw = resolved_params(read_params(args.params))  # variants keep the profile's sizes under overrides
+    params = read_params(args.params)
+    profile = params.get("profile")  # resolved_params drops the key
+    raw = resolved_params(params)  # variants keep the profile's sizes under overrides
     if args.users:
         raw = deep_merge(raw, {"llm": {"eval_users": args.users}})
     settings = parse_settings(raw)
@@ -142,9 +144,7 @@ def main() -> None:
         if name in seconds:
             block["seconds"] = round(seconds[name], 1)
         results[name] = block
-    table = Table(
-        title=f"Ablation on {len(rows)} test users, same 20 candidates (profile {settings.profile})"
-    )
+    table = Table(title=f"Ablation on {len(rows)} test users, same 20 candidates (profile {profile})")
     for col in ("model", "HR@1 [95% CI]", "NDCG@5", "vs SASRec W/L (p)", "stage 2 vs it W/L (p)", "s"):
         table.add_column(col)
     for name, m in results.items():
@@ -160,7 +160,7 @@ def main() -> None:
             f"{m['seconds']:.0f}" if "seconds" in m else "",
         )
     Console().print(table)
-    print(json.dumps({"ablation": results, "users": len(rows), "profile": settings.profile}, sort_keys=True))
+    print(json.dumps({"ablation": results, "users": len(rows), "profile": profile}, sort_keys=True))
 
 
 if __name__ == "__main__":
