@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from components.config import load_settings
+from components.evaluate import training_counts
 
 MODELS = ["popularity", "sasrec", "base", "stage1", "stage2"]
 
@@ -32,8 +33,7 @@ def user_groups(prepared: Path, users: pd.Index) -> pd.DataFrame:
     """Per evaluated user: history length, target popularity, and the quartile of each."""
     seqs = pd.read_parquet(prepared / "sequences.parquet").set_index("user_idx")["items"]
     test = pd.read_parquet(prepared / "test.parquet").set_index("user_idx")["target"]
-    train = np.concatenate([np.asarray(s, np.int64)[:-2] for s in seqs])
-    counts = np.bincount(train, minlength=int(test.max()) + 1)
+    counts = training_counts(prepared, int(test.max()) + 1)  # popularity's scores
     frame = pd.DataFrame(index=users)
     frame["history length"] = [len(seqs[u]) - 2 for u in users]  # the last two: valid and test targets
     frame["target popularity"] = [int(counts[test[u]]) for u in users]

@@ -82,12 +82,18 @@ def score_sasrec(sasrec_dir: Path, prepared: Path, rows: pd.DataFrame) -> pd.Dat
     return per_user_frame("sasrec", rows["user_idx"], ranks)
 
 
+def training_counts(prepared: Path, minlength: int = 0) -> np.ndarray:
+    """How often each item_idx occurs in the training part of every sequence (the last two items of each
+    are valid and test): popularity's scores."""
+    seqs = pd.read_parquet(Path(prepared) / "sequences.parquet")
+    train = np.concatenate([np.asarray(s, np.int64)[:-2] for s in seqs["items"]] or [np.zeros(0, np.int64)])
+    return np.bincount(train, minlength=minlength)
+
+
 def score_popularity(prepared: Path, rows: pd.DataFrame) -> pd.DataFrame:
     """Popularity's per-user candidate ranks: how often each item occurs in the training part of every
     sequence (the last two items of each are valid and test)."""
-    seqs = pd.read_parquet(Path(prepared) / "sequences.parquet")
-    train = np.concatenate([np.asarray(s, np.int64)[:-2] for s in seqs["items"]] or [np.zeros(0, np.int64)])
-    counts = np.bincount(train, minlength=int(max(map(max, rows["candidates"]))) + 1).astype(float)
+    counts = training_counts(prepared, int(max(map(max, rows["candidates"]))) + 1).astype(float)
     cands = np.array(rows["candidates"].tolist(), dtype=np.int64)
     targets = rows["target"].to_numpy()
     ranks = target_ranks(counts[cands], np.argmax(cands == targets[:, None], axis=1))
