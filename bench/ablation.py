@@ -8,12 +8,16 @@ Rows (each scored like `rsllm evaluate`, 95% bootstrap CIs, paired tests vs SASR
   with/without USER   stage 2 with `llm.user_token` flipped (trained)
   head from stage 1   stage 2 with `llm.head_init` flipped: stage 1's head instead of SASRec's geometry
   with KL             stage 2 with `llm.loss.distill` = 0.5 (trained)
+  ID skip             stage 2 with `llm.head_id_skip` on: the head's item side also reads the candidate's
+                      SASRec embedding (trained)
   title-only          stage 1 (text only) trained on stage 1 + stage 2's samples
 Trained variants start from the pipeline's stage 1 with stage 2's budget.
 
 Run from the repo root after `dvc repro evaluate` (it reads models/, data/prepared/, params.yaml):
-    python bench/ablation.py [--variants control ids_only likelihood] [--users N]
-Prints a table and, as its last line, one JSON object with every row's figures.
+    python bench/ablation.py [--variants control ids_only likelihood] [--users N] [--valid]
+--valid also scores SASRec, stage 2 and every trained variant on the first N valid users: the split a
+switch's default is chosen on (the test rows are still scored once per configuration).
+Prints a table (two with --valid) and, as its last line, one JSON object with every row's figures.
 """
 
 from __future__ import annotations
@@ -45,8 +49,15 @@ TRAINED = {
     "user_flip": None,  # {"user_token": not the default}, set in main
     "head_flip": None,  # {"head_init": the other one}, set in main
     "kl": {"loss": {"distill": 0.5}},
+    "id_skip": {"head_id_skip": True},
 }
-ALL = ["control", "ids_only", "likelihood", "user_flip", "head_flip", "kl", "title_only"]
+ALL = ["control", "ids_only", "likelihood", "user_flip", "head_flip", "kl", "title_only", "id_skip"]
+LABELS = {
+    "ids_only": "IDs-only",
+    "kl": "stage 2 + KL",
+    "title_only": "title-only",
+    "id_skip": "stage 2 + ID skip",
+}
 
 
 def train_variant(name: str, override: dict, raw: dict, args, work: Path):
@@ -73,6 +84,16 @@ def main() -> None:
     add_pipeline_paths(parser)
     parser.add_argument("--variants", nargs="*", default=["control", "ids_only", "likelihood"], choices=ALL)
     parser.add_argument("--users", type=int, default=None, help="evaluated users (default: llm.eval_users)")
+    parser.add_argument("--valid", action="store_true", help="also score the valid split (for tuning)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep the trained variants' folders here (default: a temp dir)",
+    )
+    parser.add_argument(
+        "--per-user-out", type=Path, default=None, help="write every test row's per-user ranks (Parquet)"
+    )
     parser.add_argument(
         "--from-eval",
         type=Path,
@@ -104,7 +125,13 @@ def main() -> None:
             "stage 2": score_llm("stage2", args.base, args.stage2, args.prepared, settings),
         }
     seconds = {}
-    with tempfile.TemporaryDirectory(prefix="rsllm-ablation-") as work:
+    valid = {}
+    if args.valid:
+        v_rows = eval_users(args.prepared, settings.llm.eval_users, "valid")
+        valid["sasrec"] = score_sasrec(args.sasrec, args.prepared, v_rows, "valid")
+        valid["stage 2"] = score_llm("stage2", args.base, args.stage2, args.prepared, settings, split="valid")
+    with tempfile.TemporaryDirectory(prefix="rsllm-ablation-") as tmp:
+        work = args.work or tmp
         for name in args.variants:
             started = time.perf_counter()
             if name == "control":
@@ -123,7 +150,7 @@ def main() -> None:
                 seconds["stage 2, likelihood rank"] = time.perf_counter() - started
                 continue
             override = TRAINED.get(name) or {}
-            label = {"ids_only": "IDs-only", "kl": "stage 2 + KL", "title_only": "title-only"}.get(name)
+            label = LABELS.get(name)
             if name == "user_flip":
                 override = {"user_token": not settings.llm.user_token}
                 label = "stage 2 + [USER]" if not settings.llm.user_token else "stage 2 without [USER]"
@@ -134,9 +161,24 @@ def main() -> None:
             out, var_settings, trained = train_variant(name, override, raw, args, Path(work))
             frames[label] = score_llm(name, args.base, out, args.prepared, var_settings)
             seconds[label] = trained
+            if args.valid:
+                valid[label] = score_llm(name, args.base, out, args.prepared, var_settings, split="valid")
+    if args.per_user_out:  # bench/breakdown.py --per-user reads it
+        pd.concat(list(frames.values()), ignore_index=True).to_parquet(args.per_user_out)
+    results = summarise_rows(frames, seconds, settings.seed)
+    print_table(results, f"Ablation on {len(rows)} test users, same 20 candidates (profile {profile})")
+    report = {"ablation": results, "users": len(rows), "profile": profile}
+    if valid:
+        report["valid"] = summarise_rows(valid, {}, settings.seed)
+        print_table(report["valid"], f"The same models on the first {len(v_rows)} valid users (tuning split)")
+    print(json.dumps(report, sort_keys=True))
+
+
+def summarise_rows(frames: dict[str, pd.DataFrame], seconds: dict[str, float], seed: int) -> dict:
+    """Each row's figures with paired tests against SASRec and stage 2 (frames hold both)."""
     results = {}
     for name, frame in frames.items():
-        block = summarise(frame, settings.seed)
+        block = summarise(frame, seed)
         if name != "sasrec":
             block["vs_sasrec"] = paired_test(frame, frames["sasrec"])
         if name not in ("stage 2", "sasrec"):
@@ -144,7 +186,11 @@ def main() -> None:
         if name in seconds:
             block["seconds"] = round(seconds[name], 1)
         results[name] = block
-    table = Table(title=f"Ablation on {len(rows)} test users, same 20 candidates (profile {profile})")
+    return results
+
+
+def print_table(results: dict, title: str) -> None:
+    table = Table(title=title)
     for col in ("model", "HR@1 [95% CI]", "NDCG@5", "vs SASRec W/L (p)", "stage 2 vs it W/L (p)", "s"):
         table.add_column(col)
     for name, m in results.items():
@@ -160,7 +206,6 @@ def main() -> None:
             f"{m['seconds']:.0f}" if "seconds" in m else "",
         )
     Console().print(table)
-    print(json.dumps({"ablation": results, "users": len(rows), "profile": profile}, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ it reads `rsllm evaluate`'s per-user ranks (reports/eval/per_user.parquet) and d
 
 Run from the repo root after `dvc repro evaluate`:
     python bench/breakdown.py [--per-user reports/eval/per_user.parquet]
+(or the per-user file of bench/ablation.py --per-user-out, whose variants get columns of their own)
 Prints a table per grouping and, as its last line, one JSON object.
 """
 
@@ -66,7 +67,7 @@ def main() -> None:
     paths = load_settings(args.params).paths
     per_user = pd.read_parquet(args.per_user or paths.eval_reports / "per_user.parquet")
     hits = per_user.pivot(index="user_idx", columns="model", values="hr@1")
-    hits = hits[[m for m in MODELS if m in hits.columns]]
+    hits = hits[[m for m in MODELS if m in hits.columns] + [m for m in hits.columns if m not in MODELS]]
     groups = user_groups(paths.prepared, hits.index)
     results = {c: breakdown(hits, groups, c) for c in groups.columns}
     for column, rows in results.items():

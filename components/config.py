@@ -224,6 +224,7 @@ class LlmSettings(_Section):
     head_init_samples: int = Field(512, ge=8, description="prompts read for the recommender head init")
     head_layer: int = Field(-1, ge=-1, description="the head reads decoder layer k's output; -1: the last")
     prompt_titles: bool = Field(True, description="false: items with an ID are their [ITEM] alone (ablation)")
+    head_id_skip: bool = Field(False, description="stage 2: head item side + SASRec embedding")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 where native")
     loss: LlmLossSettings = LlmLossSettings()
     history_len: int = Field(10, ge=1, le=200, description="history items in a prompt")

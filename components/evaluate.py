@@ -31,9 +31,9 @@ BOOTSTRAP = 1000
 METRICS = ("hr@1", "hr@5", "ndcg@5")
 
 
-def eval_users(prepared: Path, n: int) -> pd.DataFrame:
-    """The evaluated test rows: the first n by user_idx (every model sees exactly these)."""
-    rows = pd.read_parquet(Path(prepared) / "test.parquet").sort_values("user_idx", kind="stable")
+def eval_users(prepared: Path, n: int, split: str = "test") -> pd.DataFrame:
+    """The evaluated rows of a split: the first n by user_idx (every model sees exactly these)."""
+    rows = pd.read_parquet(Path(prepared) / f"{split}.parquet").sort_values("user_idx", kind="stable")
     return rows.head(n).reset_index(drop=True)
 
 
@@ -74,9 +74,9 @@ def sasrec_candidate_scores(
     return np.take_along_axis(scores, cands, axis=1)
 
 
-def score_sasrec(sasrec_dir: Path, prepared: Path, rows: pd.DataFrame) -> pd.DataFrame:
-    """SASRec's per-user candidate ranks on `rows` of the test split."""
-    cand_scores = sasrec_candidate_scores(sasrec_dir, prepared, rows)
+def score_sasrec(sasrec_dir: Path, prepared: Path, rows: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """SASRec's per-user candidate ranks on `rows` of the test (or valid) split."""
+    cand_scores = sasrec_candidate_scores(sasrec_dir, prepared, rows, split)
     cands = np.array(rows["candidates"].tolist(), dtype=np.int64)
     ranks = target_ranks(cand_scores, np.argmax(cands == rows["target"].to_numpy()[:, None], axis=1))
     return per_user_frame("sasrec", rows["user_idx"], ranks)
@@ -109,9 +109,11 @@ def score_llm(
     device: str = "auto",
     progress: bool = False,
     rank: str | None = None,
+    split: str = "test",
 ) -> pd.DataFrame:
     """An LLM's per-user ranks (its ranking mode, or `rank`) and generation validity on the evaluated
-    users."""
+    users (the first llm.eval_users of the test split; of the valid split, for tuning, without
+    generation)."""
     from components.llm.rank import evaluate_split, ranks_from
 
     cfg = settings.llm
@@ -119,9 +121,9 @@ def score_llm(
         base_dir,
         stage_dir,
         prepared,
-        split="test",
+        split=split,
         users=cfg.eval_users,
-        generation_users=min(cfg.generation_users, cfg.eval_users),
+        generation_users=min(cfg.generation_users, cfg.eval_users) if split == "test" else 0,
         batch_users=cfg.eval_batch_users,
         max_new_tokens=cfg.max_new_tokens,
         device=device,

@@ -62,6 +62,8 @@ def run_key(
         "data": {n: _file_digest(Path(prepared) / n) for n in ("items.parquet", "sequences.parquet")},
         "base": {p.name: _file_digest(p, full=p.stat().st_size < (64 << 20)) for p in base_files},
     }
+    if s.get("head_id_skip"):  # only when on: runs from before the switch keep their keys
+        parts["head_id_skip"] = True
     if stage1_dir is not None:
         parts["stage1"] = _file_digest(Path(stage1_dir) / "adapter" / "adapter_model.safetensors")
     if item_table is not None:

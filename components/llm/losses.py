@@ -116,7 +116,7 @@ def batch_losses(
     diag = {"id_text_negatives": zero, "cos_id": zero, "cos_text": zero}
     scores = None
     if a > 0 or c > 0:
-        scores = model.head_scores(h_head, batch["prompt_end"], batch["cand_pos"])  # [B, C]
+        scores = model.head_scores(h_head, batch["prompt_end"], batch["cand_pos"], batch["item_at"])  # [B, C]
     if a > 0:
         l_ui = F.cross_entropy(scores, batch["target_col"])
     if c > 0 and model.unified and "user_vec" in batch:

@@ -63,9 +63,14 @@ class ScoreHead(nn.Module):
     output of layer k, where the injected ID vectors are still nearly intact: llm.head_layer).
     Trained with a softmax over each prompt's candidates (L_user_item); ranking reads the same scores.
     `id` and `text` project an item's ID embedding and its title's hidden state for L_id_text.
+
+    With an ID skip (`id_skip` = D > 0, llm.head_id_skip) the item side also reads the candidate's SASRec
+    item embedding e_c [D] directly: W_i h_c + W_s e_c, so a rare item's identity does not have to survive
+    the decoder. W_s starts at zero (the head scores as without it), and a candidate without an ID (cold)
+    gets e_c = 0: its score is its title's, on the same scale. The user side is the LLM's alone.
     """
 
-    def __init__(self, hidden: int, dim: int = 256, layer: int = -1):
+    def __init__(self, hidden: int, dim: int = 256, layer: int = -1, id_skip: int = 0):
         super().__init__()
         if layer == 0 or layer < -1:
             raise ModelError(f"score head layer {layer}: -1 (the last) or a decoder layer k >= 1")
@@ -74,15 +79,33 @@ class ScoreHead(nn.Module):
         self.item = nn.Linear(hidden, dim)
         self.id = nn.Linear(hidden, dim)
         self.text = nn.Linear(hidden, dim)
+        self.id_skip = 0
+        self.skip: nn.Linear | None = None
+        if id_skip:
+            self.add_id_skip(id_skip)
 
-    def forward(self, h_user: torch.Tensor, h_cand: torch.Tensor) -> torch.Tensor:
-        """h_user [B, H], h_cand [B, C, H] -> scores [B, C] (float32)."""
+    def add_id_skip(self, d: int) -> None:
+        """A zero-initialised W_s [dim, d] from the SASRec item embedding to the item side."""
+        if d < 1:
+            raise ModelError(f"score head ID skip: the item embedding size must be >= 1, got {d}")
+        self.id_skip = d
+        self.skip = nn.Linear(d, self.dim, bias=False).to(self.item.weight.device)
+        nn.init.zeros_(self.skip.weight)
+
+    def forward(
+        self, h_user: torch.Tensor, h_cand: torch.Tensor, e_cand: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """h_user [B, H], h_cand [B, C, H] (, e_cand [B, C, D] with an ID skip) -> scores [B, C] (float32)."""
         u = self.user(h_user.to(self.user.weight.dtype))  # [B, d]
         c = self.item(h_cand.to(self.item.weight.dtype))  # [B, C, d]
+        if self.skip is not None:
+            if e_cand is None:
+                raise ModelError("this score head has an ID skip: pass the candidates' item embeddings")
+            c = c + self.skip(e_cand.to(self.skip.weight.dtype))  # [B, C, d]
         return torch.einsum("bd,bcd->bc", u, c).float() / self.dim**0.5
 
     def config(self) -> dict:
-        return {"hidden": self.hidden, "dim": self.dim, "layer": self.layer}
+        return {"hidden": self.hidden, "dim": self.dim, "layer": self.layer, "id_skip": self.id_skip}
 
 
 def save_head(head: ScoreHead, path: Path) -> None:
@@ -103,7 +126,9 @@ def load_head(path: Path) -> ScoreHead:
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata() or {}
     try:
-        head = ScoreHead(int(meta["hidden"]), int(meta["dim"]), int(meta.get("layer", -1)))
+        head = ScoreHead(
+            int(meta["hidden"]), int(meta["dim"]), int(meta.get("layer", -1)), int(meta.get("id_skip", 0))
+        )
     except KeyError as e:
         raise ModelError(f"{path}: metadata lacks {e} (not a score head file)") from None
     head.load_state_dict(load_file(str(path)))
@@ -280,10 +305,24 @@ class RsllmModel(nn.Module):
         """LM head on selected hidden states only (logits are computed where needed)."""
         return self.causal_lm.get_output_embeddings()(hidden)
 
-    def head_scores(self, h: torch.Tensor, prompt_end: torch.Tensor, cand_pos: torch.Tensor) -> torch.Tensor:
-        """Head scores [B, C] from hidden states h [B, T, H]: the prompt's last position vs each marker."""
+    def head_scores(
+        self,
+        h: torch.Tensor,
+        prompt_end: torch.Tensor,
+        cand_pos: torch.Tensor,
+        item_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Head scores [B, C] from hidden states h [B, T, H]: the prompt's last position vs each marker.
+        item_at [B, T] (the item injected at each position) feeds a head's ID skip: the SASRec embedding of
+        the item at each marker, zeros where none is (a cold candidate)."""
         rows = torch.arange(len(h), device=h.device)
-        return self.head(h[rows, prompt_end], h[rows[:, None], cand_pos])
+        e_cand = None
+        if self.head.skip is not None:
+            if not self.unified or item_at is None:
+                raise ModelError("a head with an ID skip needs a unified model and the prompts' item_at")
+            items = item_at[rows[:, None], cand_pos]  # [B, C], 0 = no ID
+            e_cand = self.item_table[items] * (items > 0).unsqueeze(-1)  # [B, C, D]
+        return self.head(h[rows, prompt_end], h[rows[:, None], cand_pos], e_cand)
 
     def forward(self, batch: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
         """Training losses for one batch (see components.llm.losses); `forward` so that DDP syncs grads."""

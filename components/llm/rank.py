@@ -110,7 +110,7 @@ def score_head(
     _, h = model.head_states(
         ids.to(device), item_at.to(device), attn.to(device), **_user_inputs(prompts, user_vecs, device)
     )  # [B, T, H]: the score head's input layer
-    scores = model.head_scores(h, end.to(device), cand_pos.to(device)).float().cpu()  # [B, C]
+    scores = model.head_scores(h, end.to(device), cand_pos.to(device), item_at.to(device)).float().cpu()
     for b, p in enumerate(prompts):
         scores[b, len(p.cand_pos) :] = float("-inf")
     return scores

@@ -95,6 +95,8 @@ def build_model(
     head_path = Path(stage1_dir) / "head.safetensors"
     head = load_head(head_path) if head_path.exists() else ScoreHead(hidden, llm_settings.head_dim)
     head.layer = llm_settings.head_layer
+    if llm_settings.head_id_skip:
+        head.add_id_skip(item_table.shape[1])
     tokens = base.get_input_embeddings().weight
     projector = Projector(item_table.shape[1], hidden, llm_settings.projector_hidden)
     rows = item_table if pool is None else item_table[torch.from_numpy(np.concatenate([[0], pool]))]

@@ -116,6 +116,51 @@ def test_head_scores_depend_on_the_candidates_id_embedding(headed):
         model.item_table[4] = saved
 
 
+def test_head_id_skip_reads_the_candidates_sasrec_embedding(headed, tmp_path):
+    """llm.head_id_skip: at zero the head scores as without it; trained, a candidate's score moves with
+    its own SASRec row and no other's, a cold candidate keeps its title-only score, order invariance
+    holds, and the skip survives save/load."""
+    from components.errors import ModelError
+    from components.llm.model import ScoreHead, load_head, save_head
+    from components.llm.rank import score_head
+
+    model, b = headed
+    hidden = model.causal_lm.config.hidden_size
+    head = ScoreHead(hidden, 16)
+    head.load_state_dict(model.head.state_dict())
+    head.add_id_skip(8)
+    skip_model = RsllmModel(model.llm, model.projector, model.item_table, head).eval()
+    cands = [4, 27, 9, 3, 12]  # 27 is cold
+    p = b.prompt([1, 2, 26], cands)
+    torch.testing.assert_close(score_head(skip_model, [p])[0], score_head(model, [p])[0], atol=1e-6, rtol=0)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        head.skip.weight.normal_()
+    plain, with_skip = score_head(model, [p])[0], score_head(skip_model, [p])[0]
+    moved = (with_skip - plain).abs() > 1e-4
+    assert moved.tolist() == [True, False, True, True, True]  # the cold candidate reads no ID
+    # the skip's share is <W_u h_user, W_s e_c> / sqrt(dim), e_c = the candidate's own SASRec row
+    ids = torch.tensor([p.ids])
+    at = torch.zeros_like(ids)
+    at[0, p.item_pos] = torch.tensor(p.item_idx)
+    with torch.no_grad():
+        u = head.user(skip_model.hidden(ids, at)[0, -1])  # [16]
+        e = model.item_table[cands] * torch.tensor([c != 27 for c in cands]).unsqueeze(-1)  # [5, 8]
+        share = head.skip(e) @ u / 16**0.5
+    torch.testing.assert_close(with_skip - plain, share, atol=1e-5, rtol=0)
+    perm = [3, 0, 4, 1, 2]
+    again = score_head(skip_model, [b.prompt([1, 2, 26], [cands[j] for j in perm])])[0]
+    torch.testing.assert_close(again, with_skip[perm], atol=1e-5, rtol=0)
+    save_head(head, tmp_path / "head.safetensors")
+    loaded = load_head(tmp_path / "head.safetensors")
+    assert loaded.id_skip == 8
+    torch.testing.assert_close(loaded.skip.weight, head.skip.weight)
+    with pytest.raises(ModelError, match="ID skip"):
+        RsllmModel(model.llm, head=head).head_scores(
+            torch.zeros(1, 3, hidden), torch.tensor([2]), torch.tensor([[0]])
+        )
+
+
 def test_map_to_candidate_by_exact_title():
     cands = [3, 7, 9]
     assert map_to_candidate(f" {TITLES[7]}", cands, TITLES) == 7

@@ -214,3 +214,33 @@ def test_accelerate_launch_two_processes(inputs, tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
     log = pd.read_json(tmp_path / "out" / "train_log.json")
     assert len(log) == 2 and np.isfinite(log["loss"]).all()
+
+
+def test_stage2_with_head_id_skip_trains_the_skip_and_resumes_exactly(inputs, tmp_path):
+    """llm.head_id_skip: stage 2 adds the zero-started skip to stage 1's head, trains it, saves it with the
+    folder (evaluation reads it back) and a stopped run resumes to the same head."""
+    from safetensors.torch import load_file
+
+    from components.config import deep_merge, parse_settings
+    from tests.model.llm_fixtures import llm_params
+
+    args = (inputs / "prepared", inputs / "base")
+    train_stage(1, llm_settings(tmp_path / "r1", samples=8, batch_size=4), *args, tmp_path / "s1")
+    kw = {"stage1_dir": tmp_path / "s1", "item_table": inputs / "item_emb.safetensors"}
+
+    def settings(tmp: Path):
+        raw = llm_params(tmp, samples=12, batch_size=4)
+        return parse_settings(deep_merge(raw, {"llm": {"head_id_skip": True}}))
+
+    ref = train_stage(2, settings(tmp_path / "a"), *args, tmp_path / "ref", **kw)
+    head = load_file(str(tmp_path / "ref" / "head.safetensors"))
+    assert head["skip.weight"].shape == (head["item.weight"].shape[0], 8)  # head dim x SASRec dim
+    assert head["skip.weight"].abs().sum() > 0  # it started at zero and trained
+    assert "skip.weight" not in load_file(str(tmp_path / "s1" / "head.safetensors"))
+    s = settings(tmp_path / "b")
+    part = train_stage(2, s, *args, tmp_path / "out", stop_after=1, **kw)
+    done = train_stage(2, s, *args, tmp_path / "out", **kw)
+    assert part["steps_done"] == 1 and done["resumed_from"] == 1 and done["steps_done"] == ref["steps"]
+    _assert_same_weights(head, load_file(str(tmp_path / "out" / "head.safetensors")))
+    df = evaluate_split(inputs / "base", tmp_path / "out", inputs / "prepared", users=4)
+    assert np.isfinite(np.array(df["scores"].tolist())).all()
