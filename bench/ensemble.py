@@ -28,16 +28,10 @@ from rich.table import Table
 from scipy.special import log_softmax
 
 from components.config import deep_merge, parse_settings
-from components.evaluate import paired_test, per_user_frame, sasrec_candidate_scores, summarise
+from components.evaluate import eval_users, paired_test, per_user_frame, sasrec_candidate_scores, summarise
 from components.metrics import target_ranks
 
 GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
-
-
-def split_rows(prepared, split: str, users: int) -> pd.DataFrame:
-    """The first `users` rows of a split by user_idx (the evaluation's users)."""
-    rows = pd.read_parquet(prepared / f"{split}.parquet").sort_values("user_idx", kind="stable")
-    return rows.head(users).reset_index(drop=True)
 
 
 def llm_scores(args, settings, split: str, users: int) -> pd.DataFrame:
@@ -69,7 +63,7 @@ def mix(sasrec: np.ndarray, llm: np.ndarray, w: float) -> np.ndarray:
 
 
 def scores_for(args, settings, split: str, users: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    rows = split_rows(args.prepared, split, users)
+    rows = eval_users(args.prepared, users, split)
     ranked = llm_scores(args, settings, split, users)
     if list(ranked["user_idx"]) != list(rows["user_idx"]):
         raise SystemExit(f"{split}: stage 2 ranked other users than the split's first {users}")

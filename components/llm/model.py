@@ -79,16 +79,19 @@ class ScoreHead(nn.Module):
         self.item = nn.Linear(hidden, dim)
         self.id = nn.Linear(hidden, dim)
         self.text = nn.Linear(hidden, dim)
-        self.id_skip = 0
         self.skip: nn.Linear | None = None
         if id_skip:
             self.add_id_skip(id_skip)
+
+    @property
+    def id_skip(self) -> int:
+        """Size D of the item embedding the ID skip reads; 0: no skip."""
+        return self.skip.in_features if self.skip is not None else 0
 
     def add_id_skip(self, d: int) -> None:
         """A zero-initialised W_s [dim, d] from the SASRec item embedding to the item side."""
         if d < 1:
             raise ModelError(f"score head ID skip: the item embedding size must be >= 1, got {d}")
-        self.id_skip = d
         self.skip = nn.Linear(d, self.dim, bias=False).to(self.item.weight.device)
         nn.init.zeros_(self.skip.weight)
 
