@@ -12,6 +12,7 @@ test users. Paired tests against SASRec on the test users.
 
 Run from the repo root after `dvc repro evaluate`:
     python bench/ensemble.py [--users N]
+    python bench/ensemble.py --stage2 W/title_only --label title-only   # any other trained LLM folder
 Prints a table and, as its last line, one JSON object.
 """
 
@@ -35,7 +36,7 @@ GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 
 
 def llm_scores(args, settings, split: str, users: int) -> pd.DataFrame:
-    """Stage 2's candidate scores on a split's first `users` users (no generation)."""
+    """The LLM's (--stage2 folder's) candidate scores on a split's first `users` users (no generation)."""
     from components.llm.rank import evaluate_split
 
     ranked = evaluate_split(
@@ -66,9 +67,9 @@ def scores_for(args, settings, split: str, users: int) -> tuple[pd.DataFrame, np
     rows = eval_users(args.prepared, users, split)
     ranked = llm_scores(args, settings, split, users)
     if list(ranked["user_idx"]) != list(rows["user_idx"]):
-        raise SystemExit(f"{split}: stage 2 ranked other users than the split's first {users}")
+        raise SystemExit(f"{split}: {args.stage2} ranked other users than the split's first {users}")
     if any(list(a) != list(b) for a, b in zip(ranked["candidates"], rows["candidates"], strict=True)):
-        raise SystemExit(f"{split}: stage 2's candidates differ from {split}.parquet's")
+        raise SystemExit(f"{split}: {args.stage2}'s candidates differ from {split}.parquet's")
     s = sasrec_candidate_scores(args.sasrec, args.prepared, rows, split)
     return rows, s, np.array(ranked["scores"].tolist(), dtype=np.float64)
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_pipeline_paths(parser)
     parser.add_argument("--users", type=int, default=None, help="users per split (default: llm.eval_users)")
+    parser.add_argument("--label", default="stage 2", help="the LLM row's name (with --stage2 DIR)")
     args = pipeline_paths(parser.parse_args())
     params = read_params(args.params)
     raw = resolved_params(params)
@@ -96,7 +98,7 @@ def main() -> None:
     t_rows, t_sas, t_llm = scores_for(args, settings, "test", n)
     frames = {
         "sasrec": frame("sasrec", t_rows, t_sas),
-        "stage 2": frame("stage2", t_rows, t_llm),
+        args.label: frame("llm", t_rows, t_llm),
         f"ensemble (w={w:.2f})": frame("ensemble", t_rows, mix(t_sas, t_llm, w)),
     }
     results = {}
@@ -105,7 +107,7 @@ def main() -> None:
         if name != "sasrec":
             block["vs_sasrec"] = paired_test(f, frames["sasrec"])
         results[name] = block
-    table = Table(title=f"SASRec + stage 2 on the first {n} test users (w tuned on {n} valid users)")
+    table = Table(title=f"SASRec + {args.label} on the first {n} test users (w tuned on {n} valid users)")
     for col in ("model", "HR@1 [95% CI]", "NDCG@5", "vs SASRec HR@1 W/L (McNemar p)"):
         table.add_column(col)
     for name, m in results.items():
