@@ -11,7 +11,8 @@ Rows (each scored like `rsllm evaluate`, 95% bootstrap CIs, paired tests vs SASR
   ID skip             stage 2 with `llm.head_id_skip` on: the head's item side also reads the candidate's
                       SASRec embedding (trained)
   title-only          stage 1 (text only) trained on stage 1 + stage 2's samples
-Trained variants start from the pipeline's stage 1 with stage 2's budget.
+  from the base       stage 2 without stage 1: from the base model, untrained LoRA and a fresh head
+Trained variants start from the pipeline's stage 1 (from the base: see above) with stage 2's budget.
 
 Run from the repo root after `dvc repro evaluate` (it reads models/, data/prepared/, params.yaml):
     python bench/ablation.py [--variants control ids_only likelihood] [--users N] [--valid]
@@ -50,14 +51,43 @@ TRAINED = {
     "head_flip": None,  # {"head_init": the other one}, set in main
     "kl": {"loss": {"distill": 0.5}},
     "id_skip": {"head_id_skip": True},
+    "from_base": {},
 }
-ALL = ["control", "ids_only", "likelihood", "user_flip", "head_flip", "kl", "title_only", "id_skip"]
+ALL = [
+    "control",
+    "ids_only",
+    "likelihood",
+    "user_flip",
+    "head_flip",
+    "kl",
+    "title_only",
+    "id_skip",
+    "from_base",
+]
 LABELS = {
     "ids_only": "IDs-only",
     "kl": "stage 2 + KL",
     "title_only": "title-only",
     "id_skip": "stage 2 + ID skip",
+    "from_base": "stage 2 from the base (no stage 1)",
 }
+
+
+def untrained_stage1(settings, base_dir: Path, out: Path) -> Path:
+    """A stage-1 folder holding fresh LoRA adapters (seeded as stage 1 seeds them; LoRA's B starts at zero,
+    so the model is the base model) and no score head: stage 2 started from it trains from the base
+    model with a fresh head, which is what stage 1 adds measured away."""
+    import torch
+
+    from components.llm.base import load_base
+    from components.llm.model import add_lora
+
+    base, _ = load_base(base_dir)
+    torch.manual_seed(settings.seed)
+    lora = settings.llm.lora
+    llm = add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules))
+    llm.save_pretrained(str(out / "adapter"))
+    return out
 
 
 def train_variant(name: str, override: dict, raw: dict, args, work: Path):
@@ -73,9 +103,10 @@ def train_variant(name: str, override: dict, raw: dict, args, work: Path):
         train_stage(1, settings, args.prepared, args.base, out)
     else:
         settings = parse_settings(deep_merge(raw, {"llm": override}))
-        train_stage(
-            2, settings, args.prepared, args.base, out, stage1_dir=args.stage1, item_table=args.sasrec
-        )
+        start = args.stage1
+        if name == "from_base":
+            start = untrained_stage1(settings, args.base, work / "untrained_stage1")
+        train_stage(2, settings, args.prepared, args.base, out, stage1_dir=start, item_table=args.sasrec)
     return out, settings, time.perf_counter() - started
 
 
